@@ -1,0 +1,177 @@
+"""The ``kvtrace`` command line.
+
+With no sub-command it opens the app (or, with ``--dump``, writes a headless
+trace). Sub-commands work on snapshots. Each command lives in its own module,
+imported only when chosen, so headless commands never import textual and
+``--help`` answers instantly without importing torch.
+
+Every expected failure (bad input, a missing or corrupt file, an unknown model)
+is reported as one line on stderr with exit code 2; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+EPILOG = """\
+commands:
+  kvtrace                         open the app on the embedded SmolLM2-135M-Instruct
+  kvtrace --dump FILE --prompt T  trace headlessly, JSON Lines to FILE ('-' = stdout)
+  kvtrace save|resume|prune|info|import ...   work with KV snapshots (.kvs);
+                                  'kvtrace COMMAND --help' for each
+
+examples:
+  kvtrace --dump trace.jsonl --prompt "Why is the sky blue?" --max-new-tokens 32
+  kvtrace save --prompt "Tell me a story." -o story.kvs
+  kvtrace resume story.kvs --steps 50
+  kvtrace prune story.kvs -o small.kvs --sinks 4 --recent 256
+"""
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options that choose and place the model; shared by every command that loads one."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        metavar="SPEC",
+        default=None,
+        help="a local model folder, a .gguf file, or a Hugging Face id already in the local "
+        "cache (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                       help="where to run the model (default: auto)")
+    group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="weight dtype (default: auto: float32 on CPU, bfloat16 on GPU)")
+    group.add_argument("--load-in-4bit", action="store_true",
+                       help="quantize weights to 4 bits with bitsandbytes (CUDA only; elsewhere a "
+                       "notice and the chosen dtype)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the sampler; greedy unless a temperature above 0 is given."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--temperature", type=float, default=0.0,
+                       help="0 = greedy (default); above 0 samples")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    group.add_argument("--sample-top-k", type=int, default=0, metavar="K",
+                       help="sample only among the K most likely tokens (default 0 = all)")
+    group.add_argument("--seed", type=int, default=None, help="seed: the same seed gives the same tokens")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="stop when the reply ends with TEXT (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvtrace",
+        description="See what a local language model does at every step and every layer while it "
+        "writes; save, prune and restore its KV cache.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_options(parser)
+    add_sampling_options(parser)
+    trace = parser.add_argument_group("headless trace")
+    trace.add_argument("--dump", metavar="FILE",
+                       help="write the trace as JSON Lines to FILE ('-' = stdout) instead of opening the app")
+    trace.add_argument("--prompt", metavar="TEXT", help="the user message to answer")
+    trace.add_argument("--system", metavar="TEXT", help="an optional system prompt")
+    trace.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                       help="generate at most N tokens (default 64)")
+    trace.add_argument("--top-k", type=int, default=10, metavar="K",
+                       help="candidates recorded per step and per lens layer (default 10)")
+    trace.add_argument("--no-lens", action="store_true", help="skip the per-layer logit lens in the dump")
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_snapshot_commands(commands)
+    return parser
+
+
+def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
+    save = commands.add_parser("save", help="prefill a prompt and save the KV cache",
+                               description="Prefill a prompt (and optionally generate) and save the KV cache.")
+    save.add_argument("--prompt", required=True, metavar="TEXT", help="the user message")
+    save.add_argument("--system", metavar="TEXT", help="an optional system prompt")
+    save.add_argument("-o", "--output", required=True, metavar="FILE", help="snapshot file to write (.kvs)")
+    save.add_argument("--codec", default="lossless", choices=["lossless", "fp16", "bf16", "int8", "int4"],
+                      help="payload codec (default lossless)")
+    save.add_argument("--steps", type=int, default=0, metavar="N", help="generate N tokens before saving (default 0)")
+    save.add_argument("--label", default="", help="a free label stored in the snapshot")
+    add_model_options(save)
+    add_sampling_options(save)
+
+    resume = commands.add_parser("resume", help="load a snapshot and continue generating",
+                                 description="Load a snapshot into its model and continue exactly where it stopped.")
+    resume.add_argument("file", metavar="FILE", help="snapshot to resume (.kvs)")
+    resume.add_argument("--continue", dest="continue_text", metavar="TEXT",
+                        help="add a user message before continuing")
+    resume.add_argument("--steps", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    resume.add_argument("--dump", metavar="FILE", help="also write the trace as JSON Lines ('-' = stdout)")
+    resume.add_argument("--top-k", type=int, default=10, metavar="K", help="candidates per step (default 10)")
+    resume.add_argument("-o", "--output", metavar="FILE", help="save the state after resuming to FILE")
+    add_model_options(resume)
+    add_sampling_options(resume)
+
+    prune = commands.add_parser("prune", help="shrink a snapshot's KV cache",
+                                description="Drop cache entries; original positions are kept, so resuming "
+                                "continues at the true next position.")
+    prune.add_argument("file", metavar="FILE", help="snapshot to prune")
+    prune.add_argument("-o", "--output", required=True, metavar="OUT", help="pruned snapshot to write")
+    prune.add_argument("--keep-last", type=int, metavar="N", help="keep the last N entries")
+    prune.add_argument("--sinks", type=int, metavar="S", help="keep the first S entries (attention sinks)")
+    prune.add_argument("--recent", type=int, metavar="N", help="with --sinks: also keep the last N entries")
+    prune.add_argument("--method", choices=["attention"], help="attention: keep the entries that received the "
+                       "most attention (heavy hitters) plus sinks and a recent window")
+    prune.add_argument("--budget", type=int, metavar="N", help="with --method attention: entries to keep")
+    prune.add_argument("--drop-span", nargs=2, type=int, metavar=("START", "END"),
+                       help="drop the entries at original positions START..END-1 (e.g. one chat turn)")
+    prune.add_argument("--codec", choices=["lossless", "fp16", "bf16", "int8", "int4"],
+                       help="codec of the output (default: the input's)")
+
+    info = commands.add_parser("info", help="describe a snapshot",
+                               description="Show a snapshot's header, model, tokens as text, codec and sizes.")
+    info.add_argument("file", metavar="FILE", help="snapshot to describe")
+    info.add_argument("--json", action="store_true", help="print the description as JSON")
+
+    legacy = commands.add_parser("import", help="convert a KV cache saved the old way",
+                                 description="Convert a tuple of (K, V) per layer saved with torch.save "
+                                 "(read with weights_only=True) into a .kvs snapshot.")
+    legacy.add_argument("file", metavar="LEGACY", help="the old file (torch.save, or pickle with --allow-pickle)")
+    legacy.add_argument("-o", "--output", required=True, metavar="FILE", help="snapshot to write")
+    legacy.add_argument("--tokens", metavar="FILE",
+                        help="the token ids the cache was built from, as a JSON list (required unless the "
+                        "legacy file carries them)")
+    legacy.add_argument("--allow-pickle", action="store_true",
+                        help="also read pickle / gzip-pickle files; WARNING: this executes code from the file")
+    add_model_options(legacy)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tracer.errors import UserError  # light: no torch
+
+    try:
+        if args.command is not None:
+            from tui_app.commands.snapshot import run_snapshot_command
+
+            return run_snapshot_command(args)
+        if args.dump is not None:
+            from tui_app.commands.trace import run_dump
+
+            return run_dump(args)
+        from tui_app.commands.app import run_app
+
+        return run_app(args)
+    except UserError as error:
+        print(f"kvtrace: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kvtrace: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
