@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from kvstore.errors import FingerprintMismatch
-from tracer.errors import PromptError
+from tracer.errors import PromptError, TracerError
 from tracer.loading import load_model
 from tracer.sampling import SamplingSettings
 from tracer.session import TraceSession
@@ -225,3 +225,20 @@ def test_second_turn_extends_the_transcript(loaded):
     records = session.generate(4)
     assert records[0].position == session._reply_start
     assert session.positions == list(range(len(session.token_ids) - 1))
+
+
+def test_state_pruned_to_nothing_continues_at_the_true_position(loaded):
+    session = TraceSession(loaded)
+    with pytest.raises(TracerError, match="start a turn"):
+        session.export_state()
+    session.start_turn("Hello world")
+    state = session.export_state().select([])
+    resumed = TraceSession(loaded)
+    resumed.import_state(state)
+    assert resumed.export_state().cache_length == 0
+    record = resumed.step()
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([[state.token_ids[-1]]]),
+                              position_ids=torch.tensor([[state.next_position]])).logits[0, -1]
+    assert record.top[0].token_id == int(logits.argmax())
+    assert record.attention.positions == [state.next_position]

@@ -24,7 +24,7 @@ from kvstore.errors import FingerprintMismatch, SnapshotError
 from kvstore.state import KVState
 from tracer import capture, chat, kv_adapter
 from tracer.detokenize import IncrementalDecoder
-from tracer.errors import PromptError
+from tracer.errors import PromptError, TracerError
 from tracer.lens import LogitLens
 from tracer.loading import LoadedModel
 from tracer.records import LensLayer, StepRecord
@@ -409,7 +409,13 @@ class TraceSession:
 
     # ------------------------------------------------------- export / import
     def export_state(self) -> KVState:
-        keys, values = kv_adapter.cache_tensors(self._cache)
+        """The paused generation (cache, transcript, positions, received attention, chat metadata)."""
+        if not self.token_ids:
+            raise TracerError("there is nothing to save yet: start a turn first")
+        fingerprint = self.loaded.fingerprint
+        keys, values = kv_adapter.cache_tensors(
+            self._cache, fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim, self.loaded.dtype
+        )
         return KVState(
             keys=keys,
             values=values,
