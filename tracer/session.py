@@ -43,6 +43,7 @@ class TurnMark:
     message_count: int
     rendered: str
     reply_start: int
+    received: torch.Tensor  # attention received per cache entry once the turn's prompt was fed
 
 
 @dataclass
@@ -224,9 +225,13 @@ class TraceSession:
         self.token_ids = self.token_ids + new_ids
         self._prefill(feed, first_position)
         self._begin_reply()
-        self._turns.append(TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start))
+        self._mark_turn()
         if self.sampling.seed is not None:
             self._generator = make_generator(self.sampling.seed)
+
+    def _mark_turn(self) -> None:
+        mark = TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start, self._received.clone())
+        self._turns.append(mark)
 
     def _begin_reply(self) -> None:
         self._reply_start = len(self.token_ids)
@@ -354,21 +359,29 @@ class TraceSession:
 
     # --------------------------------------------------------------- branch
     def _crop(self, keep_tokens: int, keep_records: int) -> None:
-        """Go back to the transcript's first ``keep_tokens`` tokens (the last one pending)."""
+        """Go back to the transcript's first ``keep_tokens`` tokens (the last one pending).
+
+        ``keep_records`` must lie in a turn still held; that turn's chat, and the
+        attention received as it stood then plus what its kept steps added, come back.
+        """
         keep_entries = bisect.bisect_left(self._positions, keep_tokens - 1)
         kv_adapter.crop_cache(self._cache, keep_entries)
         del self._positions[keep_entries:]
-        self._received = self._received[:keep_entries].clone()
         del self.token_ids[keep_tokens:]
+        while len(self._turns) > 1 and self._turns[-1].first_record > keep_records:
+            self._turns.pop()
+        mark = self._turns[-1]
+        self.messages = self.messages[: mark.message_count]
+        self._rendered = mark.rendered
+        self._reply_start = mark.reply_start
+        received = torch.zeros(keep_entries, dtype=torch.float64)
+        received[: len(mark.received)] = mark.received
+        for record in self.records[mark.first_record : keep_records]:
+            if record.attention is not None:
+                received[: len(record.attention.mean)] += torch.tensor(record.attention.mean, dtype=torch.float64)
+        self._received = received
         del self.records[keep_records:]
         del self._hidden[keep_records:]
-        while self._turns and self._turns[-1].first_record > keep_records:
-            self._turns.pop()
-        if self._turns:
-            mark = self._turns[-1]
-            self.messages = self.messages[: mark.message_count]
-            self._rendered = mark.rendered
-            self._reply_start = mark.reply_start
         context = self.token_ids[max(0, self._reply_start - DECODER_CONTEXT) : self._reply_start]
         self._decoder = IncrementalDecoder(self._tokenizer, context)
         for token in self.token_ids[self._reply_start :]:
@@ -448,7 +461,8 @@ class TraceSession:
             raise SnapshotError(f"the KV state is inconsistent: {error}") from error
         self._restore(state)
         self.records, self._hidden, self.branches = [], [], []
-        self._turns = [TurnMark(0, len(self.messages), self._rendered, self._reply_start)]
+        self._turns = []
+        self._mark_turn()
 
     def _restore(self, state: KVState) -> None:
         self._cache = kv_adapter.cache_from_tensors(
