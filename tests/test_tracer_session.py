@@ -250,3 +250,29 @@ def test_state_pruned_to_nothing_continues_at_the_true_position(loaded):
                               position_ids=torch.tensor([[state.next_position]])).logits[0, -1]
     assert record.top[0].token_id == int(logits.argmax())
     assert record.attention.positions == [state.next_position]
+
+
+def test_generation_stops_when_the_context_window_is_full(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    session = TraceSession(loaded)
+    words = 10
+    while len(loaded.tokenizer("story " * words)["input_ids"]) < loaded.context_limit - 40:
+        words += 5
+    session.start_turn("story " * words)
+    assert loaded.context_limit - len(session.token_ids) < 40
+    records = session.generate(60)
+    assert session.stop_reason == "context_full"
+    assert max(session.positions) == loaded.context_limit - 1  # the last position the model has
+    assert records[-1].position == loaded.context_limit and session.step() is None
+
+
+def test_a_new_seed_in_replaced_settings_takes_effect(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    runs = []
+    for _ in range(2):
+        session = TraceSession(loaded, SamplingSettings(temperature=1.0, seed=1))
+        session.start_turn("Tell me a story")
+        session.generate(2)
+        session.sampling = SamplingSettings(temperature=1.0, seed=5)
+        runs.append([r.token_id for r in session.generate(12)])
+    assert runs[0] == runs[1]

@@ -87,6 +87,7 @@ class TraceSession:
         self._reply_start = 0
         self._decoder = IncrementalDecoder(self._tokenizer)
         self._generator = make_generator(self.sampling.seed)
+        self._generator_seed = self.sampling.seed
         self._lens_lock = threading.Lock()
         self._pieces: dict[int, str] = {}
         self._eos_ids = self._find_eos_ids()
@@ -227,7 +228,11 @@ class TraceSession:
         self._begin_reply()
         self._mark_turn()
         if self.sampling.seed is not None:
-            self._generator = make_generator(self.sampling.seed)
+            self._reseed()
+
+    def _reseed(self) -> None:
+        self._generator = make_generator(self.sampling.seed)
+        self._generator_seed = self.sampling.seed
 
     def _mark_turn(self) -> None:
         mark = TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start, self._received.clone())
@@ -243,6 +248,8 @@ class TraceSession:
         """One forward of the pending token, then sample and capture; ``None`` once stopped."""
         if self.stop_reason is not None or not self.token_ids:
             return None
+        if self.sampling.seed != self._generator_seed:  # settings replaced with another seed
+            self._reseed()
         return self._advance(forced=None)
 
     def _advance(self, forced: int | None) -> StepRecord | None:
