@@ -149,6 +149,8 @@ class TraceSession:
         """Feed ``ids`` at original positions ``first_position..`` on top of the cache."""
         device = self.loaded.device
         count = len(ids)
+        if attention and self._config._attn_implementation != "eager":  # someone else switched the shared model
+            self._model.set_attn_implementation("eager")
         with torch.no_grad():
             output = self._model(
                 input_ids=torch.tensor([ids], device=device),
