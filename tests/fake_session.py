@@ -117,7 +117,7 @@ class FakeSession:
         self.stop_reason = None
 
     def step(self) -> StepRecord | None:
-        if self.stop_reason in ("eos", "max_tokens", "context_full") or not self.token_ids:
+        if self.stop_reason in ("eos", "context_full") or not self.token_ids:
             return None
         if self.step_delay:
             time.sleep(self.step_delay)

@@ -72,6 +72,8 @@ class KvtraceApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "kvtrace"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+    # ctrl+p is prune here; the palette is on F2 (and ':'), keys that survive SSH and tmux.
+    COMMAND_PALETTE_BINDING = "f2"
     BINDINGS = [
         Binding("ctrl+s", "save", "Save"),
         Binding("ctrl+o", "load", "Load"),
@@ -81,10 +83,10 @@ class KvtraceApp(App[None]):
         Binding("escape", "stop", "Stop"),
         Binding("b", "branch", "Branch"),
         Binding("B", "switch_branch", "Other branch", show=False),
-        Binding("ctrl+e", "export", "Export", priority=True),
+        Binding("ctrl+e", "export", "Export", show=False, priority=True),
         Binding("f1,question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
-        Binding("f2", "command_palette", "Palette", priority=True),
+        Binding("f2", "command_palette", "Palette", show=False, priority=True),
         Binding("colon", "command_palette", "Palette", show=False),
         Binding("left", "move(-1)", "Previous token", show=False),
         Binding("right", "move(1)", "Next token", show=False),
@@ -139,7 +141,7 @@ class KvtraceApp(App[None]):
                     yield TopKPane(id="topk", classes="pane -active")
                     yield AttentionPane(self._token_text, id="attention", classes="pane")
                     yield LensPane(id="lens", classes="pane")
-        yield Footer()
+        yield Footer(compact=True)
 
     @property
     def status_bar(self) -> StatusBar:
@@ -157,6 +159,7 @@ class KvtraceApp(App[None]):
         self.query_one("#chat").border_title = "Chat"
         self.timeline.border_title = "Tokens"
         self._draw_pane_bar()
+        self.status_bar.set(activity="loading")
         self.query_one("#prompt", Input).focus()
         if self.session is not None:
             self._session_ready(self.session)
@@ -221,8 +224,13 @@ class KvtraceApp(App[None]):
     def keys_for_help(self) -> list[tuple[str, str]]:
         keys = [
             ("Enter", "send the message in the input box and generate the reply"),
+            ("F2 or :", "command palette: every action is there too (ctrl+p is prune here)"),
             ("g / n", "generate more tokens / exactly one token"),
             ("Escape", "stop generating (within one step)"),
+            ("ctrl+s", "save a snapshot of the KV cache (file name, codec)"),
+            ("ctrl+o", "load a snapshot (shows its header first)"),
+            ("ctrl+p or p", "prune the KV cache (method, budget)"),
+            ("ctrl+e", "export the trace as JSON Lines"),
             ("← → Home End", "move the token selection in the timeline"),
             ("↑ ↓", "choose a top-k candidate (▶) for branching"),
             ("b", "branch: continue from the selected token with the ▶ candidate"),
@@ -230,11 +238,6 @@ class KvtraceApp(App[None]):
             ("1 2 3", "show the top-k, attention or lens pane (narrow terminals)"),
             ("a", "attention pane: switch between the mean over layers and one layer"),
             ("[ ]", "attention pane: previous / next layer"),
-            ("ctrl+s", "save a snapshot of the KV cache (file name, codec)"),
-            ("ctrl+o", "load a snapshot (shows its header first)"),
-            ("ctrl+p or p", "prune the KV cache (method, budget)"),
-            ("ctrl+e", "export the trace as JSON Lines"),
-            ("F2 or :", "command palette (every action is there too)"),
             ("Tab / i", "move the focus / go to the input box"),
             ("f1 or ?", "this help"),
             ("q / ctrl+q", "quit"),
@@ -511,7 +514,14 @@ class KvtraceApp(App[None]):
             self._run_task("Saving…", partial(_save, request=request))
 
     def action_load(self) -> None:
-        self._when_idle(lambda: self.push_screen(LoadScreen(_describe_snapshot), self._load_chosen))
+        self._when_idle(lambda: self.push_screen(LoadScreen(self._describe_snapshot), self._load_chosen))
+
+    def _describe_snapshot(self, path: str) -> str:
+        from tui_app.snapshot_info import describe_snapshot
+
+        tokenizer = getattr(self.session.loaded, "tokenizer", None)
+        decode = None if tokenizer is None else tokenizer.decode
+        return describe_snapshot(path, self.session.loaded.fingerprint, decode)
 
     def _load_chosen(self, path: str | None) -> None:
         if path is not None:
@@ -605,15 +615,3 @@ def _export(session: Any) -> tuple[str, bool]:
     with open(path, "w", encoding="utf-8") as out:
         write_trace(session, out, with_lens=False)
     return f"Exported {len(session.records)} steps to {path}.", False
-
-
-def _describe_snapshot(path: str) -> str:
-    """What ``kvtrace info`` shows about a snapshot, from its header alone."""
-    from kvstore import snapshot
-    from kvstore.errors import SnapshotError
-
-    try:
-        info = snapshot.read_info(path)
-    except (SnapshotError, OSError) as error:
-        return f"Cannot read this snapshot: {error}"
-    return str(info)

@@ -11,10 +11,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
 INTRO = (
-    "Type a message in the input box and press Enter: the reply streams in and every generated token "
+    "\nType a message in the input box and press Enter: the reply streams in and every generated token "
     "appears in the token timeline. Tab moves the focus between the input, the timeline and the panes; "
     "letter keys act when the input box does not have the focus (i goes back to it).\n"
-    "Every action below is also in the command palette: F2 or ':' opens it (ctrl+p is prune here).\n"
     "Timeline tints: green p≥0.9, cyan ≥0.6, yellow ≥0.3, magenta ≥0.1, red below; italic = forced by a branch."
 )
 
@@ -35,8 +34,8 @@ class HelpScreen(ModalScreen[None]):
         with Vertical(id="dialog", classes="wide"):
             yield Label("kvtrace — keys (Escape closes)", classes="title")
             with VerticalScroll(id="help-body"):
-                yield Static(Text(INTRO))
                 yield Static(table)
+                yield Static(Text(INTRO), id="help-intro")
 
     def on_mount(self) -> None:
         self.query_one("#help-body").focus()

@@ -17,7 +17,11 @@ from textual.widgets import Button, DirectoryTree, Input, Label, Static
 
 
 class SnapshotTree(DirectoryTree):
-    """Folders and ``.kvs`` files only."""
+    """Folders and ``.kvs`` files only, with plain icons that every terminal font has."""
+
+    ICON_NODE = "▸ "
+    ICON_NODE_EXPANDED = "▾ "
+    ICON_FILE = "  "
 
     def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
         return [p for p in paths if not p.name.startswith(".") and (p.is_dir() or p.suffix == ".kvs")]
