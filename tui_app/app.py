@@ -358,12 +358,7 @@ class KvtraceApp(App[None]):
                 if prepare is not None:
                     prepare(session)
                     self.post_message(TurnStarted(run_id))
-                if steps == 1:
-                    record = session.step()
-                    if record is not None:
-                        on_step(record)
-                else:
-                    session.generate(steps, cancel=cancel, on_step=on_step)
+                session.generate(steps, cancel=cancel, on_step=on_step)
             except UserError as exc:
                 error = str(exc)
             stop_reason = session.stop_reason

@@ -9,17 +9,21 @@ from typing import Any
 
 
 def session_loader(args: argparse.Namespace) -> Callable[[Callable[[str], None]], Any]:
-    """A function the app calls in a worker thread to load the model and open a tracer session."""
+    """A function the app calls in a worker thread to load the model and open a tracer session.
+
+    The sampling options are checked here, before the app opens, so a bad value is one line on stderr.
+    """
+    from tui_app.commands.trace import sampling_from_args
+
+    sampling = sampling_from_args(args)
 
     def load(progress: Callable[[str], None]) -> Any:
-        from tracer.loading import load_model
-        from tracer.sampling import SamplingSettings
+        from tracer.loading import load_model, quiet_transformers
         from tracer.session import TraceSession
 
+        quiet_transformers()
         loaded = load_model(args.model, device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                             progress=progress)
-        sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.sample_top_k,
-                                    seed=args.seed, stop=tuple(args.stop), max_new_tokens=args.max_new_tokens)
         return TraceSession(loaded, sampling, top_k=args.top_k)
 
     return load
