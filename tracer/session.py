@@ -1,0 +1,451 @@
+"""The step-wise generation session: our own decode loop over the KV cache, with capture at every token.
+
+The session follows the pending-token invariant of ``kvstore.state``: the last
+transcript token is chosen but not yet in the cache. Prefill feeds all prompt
+tokens but the last; every step feeds the one pending token (query length 1,
+so attention rows and hidden states are cheap), samples the next one and makes
+it pending. Every forward gets the *original* positions of what it feeds, so
+after pruning (gaps in ``positions``) generation continues at the true next
+position, for rotary and absolute-position models alike.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import torch
+
+from kvstore.errors import FingerprintMismatch, SnapshotError
+from kvstore.state import KVState
+from tracer import capture, chat, kv_adapter
+from tracer.detokenize import IncrementalDecoder
+from tracer.errors import PromptError
+from tracer.lens import LogitLens
+from tracer.loading import LoadedModel
+from tracer.records import LensLayer, StepRecord
+from tracer.sampling import SamplingSettings, choose_token, make_generator
+
+PREFILL_ATTENTION_BYTES = 64 << 20  # attention weights one prefill chunk may hold while capturing
+DECODER_CONTEXT = 4  # tokens before a reply that seed its incremental decoder
+CONTINUABLE = ("max_tokens", "cancelled")  # stop reasons after which ``generate`` goes on
+
+
+@dataclass
+class TurnMark:
+    """Where a user turn began, so a branch into an earlier turn restores that turn's chat."""
+
+    first_record: int
+    message_count: int
+    rendered: str
+    reply_start: int
+
+
+@dataclass
+class Branch:
+    """A line of generation set aside by ``branch`` (or ``switch_branch``)."""
+
+    records: list[StepRecord]
+    state: KVState
+    label: str
+    hidden: list[torch.Tensor] = field(default_factory=list, repr=False)
+    turns: list[TurnMark] = field(default_factory=list, repr=False)
+
+
+class TraceSession:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        sampling: SamplingSettings | None = None,
+        *,
+        top_k: int = 10,
+        capture_attention: bool = True,
+    ):
+        self.loaded = loaded
+        self.sampling = sampling or SamplingSettings()
+        self.top_k = top_k
+        self.notices: list[str] = list(loaded.notices)
+        self.messages: list[dict[str, str]] = []
+        self.records: list[StepRecord] = []
+        self.token_ids: list[int] = []
+        self.stop_reason: str | None = None
+        self.branches: list[Branch] = []
+        self._model = loaded.model
+        self._tokenizer = loaded.tokenizer
+        self._config = loaded.model.config
+        self._cache = kv_adapter.empty_cache(self._config)
+        self._positions: list[int] = []  # original position of every cache entry
+        self._received = torch.zeros(0, dtype=torch.float64)  # attention received per cache entry
+        self._hidden: list[torch.Tensor] = []  # per record: (layers, hidden) at the fed position
+        self._turns: list[TurnMark] = []
+        self._rendered = ""
+        self._reply_start = 0
+        self._decoder = IncrementalDecoder(self._tokenizer)
+        self._generator = make_generator(self.sampling.seed)
+        self._lens_lock = threading.Lock()
+        self._eos_ids = self._find_eos_ids()
+        self._forward_kwargs = (
+            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._model.forward).parameters else {}
+        )
+        self.attention_available = capture_attention and self._switch_to_eager()
+        self._lens = LogitLens.for_model(self._model)
+        self._lens_calibrated = False
+        if self._lens is None:
+            self._notice(f"{loaded.name}: no final norm and output head found, so the logit lens is skipped")
+
+    # ----------------------------------------------------------------- setup
+    def _notice(self, text: str) -> None:
+        if text not in self.notices:
+            self.notices.append(text)
+
+    def _switch_to_eager(self) -> bool:
+        """Attention weights need the eager implementation (sdpa silently returns none)."""
+        if self._config._attn_implementation == "eager":
+            return True
+        try:
+            self._model.set_attn_implementation("eager")
+        except Exception:  # models without an eager path: trace without attention
+            pass
+        if self._config._attn_implementation != "eager":
+            self._notice(f"{self.loaded.name} cannot return attention weights; tracing without attention")
+            return False
+        return True
+
+    def _find_eos_ids(self) -> set[int]:
+        configured = getattr(self._model.generation_config, "eos_token_id", None)
+        if configured is None:
+            configured = self._tokenizer.eos_token_id
+        if configured is None:
+            return set()
+        return {configured} if isinstance(configured, int) else set(configured)
+
+    # ---------------------------------------------------------- properties
+    @property
+    def context_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def kv_bytes(self) -> int:
+        return kv_adapter.cache_nbytes(self._cache)
+
+    @property
+    def positions(self) -> list[int]:
+        """Original position of every cache entry (a copy)."""
+        return list(self._positions)
+
+    # -------------------------------------------------------------- forward
+    def _forward(self, ids: list[int], first_position: int, *, attention: bool, hidden: bool):
+        """Feed ``ids`` at original positions ``first_position..`` on top of the cache."""
+        device = self.loaded.device
+        count = len(ids)
+        with torch.no_grad():
+            output = self._model(
+                input_ids=torch.tensor([ids], device=device),
+                position_ids=torch.arange(first_position, first_position + count, device=device).unsqueeze(0),
+                attention_mask=torch.ones(1, len(self._positions) + count, dtype=torch.long, device=device),
+                past_key_values=self._cache,
+                use_cache=True,
+                output_attentions=attention,
+                output_hidden_states=hidden,
+                **self._forward_kwargs,
+            )
+        self._cache = output.past_key_values
+        self._positions.extend(range(first_position, first_position + count))
+        self._received = torch.cat([self._received, torch.zeros(count, dtype=torch.float64)])
+        return output
+
+    def _prefill(self, ids: list[int], first_position: int) -> None:
+        """Feed a prompt chunk; with attention on, in chunks small enough to keep their weights."""
+        if not ids:
+            return
+        if not self.attention_available:
+            self._forward(ids, first_position, attention=False, hidden=False)
+            return
+        config = self._config.get_text_config(decoder=True)
+        per_query = config.num_hidden_layers * config.num_attention_heads * (len(self._positions) + len(ids)) * 4
+        chunk = max(16, PREFILL_ATTENTION_BYTES // per_query)
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            output = self._forward(part, first_position + start, attention=True, hidden=False)
+            if not self._attentions_ok(output):
+                self._forward(ids[start + chunk :], first_position + start + chunk, attention=False, hidden=False)
+                return
+            received = capture.received_by_prompt(output.attentions)
+            self._received[: received.numel()] += received.double()
+
+    def _attentions_ok(self, output) -> bool:
+        attentions = getattr(output, "attentions", None)
+        if attentions and all(a is not None for a in attentions):
+            return True
+        self.attention_available = False
+        self._notice(f"{self.loaded.name} returned no attention weights; tracing without attention")
+        return False
+
+    # ---------------------------------------------------------------- turns
+    def start_turn(self, user_text: str, system: str | None = None) -> None:
+        """Add a user message and prefill it; the assistant's reply then comes from ``step``/``generate``."""
+        if not user_text.strip():
+            raise PromptError("the prompt is empty; write a message for the model to answer")
+        user = {"role": "user", "content": user_text}
+        tokenizer = self._tokenizer
+        if not self.token_ids:
+            messages = ([{"role": "system", "content": system}] if system else []) + [user]
+            rendered = chat.render(tokenizer, messages, add_generation_prompt=True)
+            new_ids = chat.encode(tokenizer, rendered, first=True)
+        else:
+            reply = self.reply_text()
+            messages = [*self.messages, {"role": "assistant", "content": reply}, user]
+            pending = self.token_ids[-1]
+            eos_text = self._tokenizer.decode([pending]) if pending in self._eos_ids else None
+            text, rendered = chat.continuation(tokenizer, self._rendered, reply, eos_text, messages[:-1], user)
+            new_ids = chat.encode(tokenizer, text, first=False)
+        total = len(self.token_ids) + len(new_ids)
+        limit = self.loaded.context_limit
+        if total >= limit:
+            raise PromptError(
+                f"the prompt is {total} tokens long, but {self.loaded.name} reads at most {limit} tokens "
+                "(and needs room to answer); shorten it"
+            )
+        if not new_ids:
+            raise PromptError("the prompt produced no tokens; write a message for the model to answer")
+        first_position = len(self.token_ids) - 1 if self.token_ids else 0
+        feed = ([self.token_ids[-1]] if self.token_ids else []) + new_ids[:-1]
+        self.messages = messages
+        self._rendered = rendered
+        self.token_ids = self.token_ids + new_ids
+        self._prefill(feed, first_position)
+        self._begin_reply()
+        self._turns.append(TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start))
+        if self.sampling.seed is not None:
+            self._generator = make_generator(self.sampling.seed)
+
+    def _begin_reply(self) -> None:
+        self._reply_start = len(self.token_ids)
+        self._decoder = IncrementalDecoder(self._tokenizer, self.token_ids[-DECODER_CONTEXT:])
+        self.stop_reason = None
+
+    # ---------------------------------------------------------------- steps
+    def step(self) -> StepRecord | None:
+        """One forward of the pending token, then sample and capture; ``None`` once stopped."""
+        if self.stop_reason is not None or not self.token_ids:
+            return None
+        return self._advance(forced=None)
+
+    def _advance(self, forced: int | None) -> StepRecord | None:
+        position = len(self.token_ids) - 1
+        if position >= self.loaded.context_limit:
+            self.stop_reason = "context_full"
+            return None
+        output = self._forward([self.token_ids[-1]], position, attention=self.attention_available, hidden=True)
+        logits = output.logits[0, -1].float()
+        token = forced if forced is not None else choose_token(logits, self.sampling, self._generator)
+        prob, logprob, entropy, top = capture.distribution(logits, token, self.top_k, self._piece)
+        attention = None
+        if self.attention_available and self._attentions_ok(output):
+            rows = capture.layer_rows(output.attentions)
+            attention = capture.evidence(rows, self._positions)
+            self._received += rows.mean(dim=0).double()
+        hidden = torch.stack([h[0, -1] for h in output.hidden_states[1:]]).detach()
+        if self._lens is not None and not self._lens_calibrated:
+            self._lens.calibrate(hidden[-1], logits)
+            self._lens_calibrated = True
+        self.token_ids.append(token)
+        record = StepRecord(
+            index=len(self.records),
+            position=len(self.token_ids) - 1,
+            token_id=token,
+            text=self._decoder.push(token),
+            prob=prob,
+            logprob=logprob,
+            entropy=entropy,
+            top=top,
+            attention=attention,
+            forced=forced is not None,
+        )
+        self.records.append(record)
+        self._hidden.append(hidden)
+        self._check_stop(token, record.text)
+        return record
+
+    def _check_stop(self, token: int, piece: str) -> None:
+        if token in self._eos_ids:
+            self.stop_reason = "eos"
+        elif self.sampling.stop:
+            tail_length = max(len(s) for s in self.sampling.stop) + len(piece)
+            tail = self.reply_text()[-tail_length:]
+            if any(s and s in tail for s in self.sampling.stop):
+                self.stop_reason = "stop"
+
+    def generate(
+        self,
+        max_new_tokens: int | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> list[StepRecord]:
+        """Step until a stop condition, ``max_new_tokens`` (default: the sampling settings'), or ``cancel``.
+
+        After "max_tokens" or "cancelled" a new call goes on with the same reply.
+        """
+        limit = self.sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if self.stop_reason in CONTINUABLE:
+            self.stop_reason = None
+        produced: list[StepRecord] = []
+        while self.stop_reason is None:
+            if cancel is not None and cancel.is_set():
+                self.stop_reason = "cancelled"
+                break
+            if len(produced) >= limit:
+                self.stop_reason = "max_tokens"
+                break
+            record = self.step()
+            if record is None:
+                break
+            produced.append(record)
+            if on_step is not None:
+                on_step(record)
+        return produced
+
+    # ----------------------------------------------------------------- text
+    def _piece(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def reply_text(self) -> str:
+        """The assistant text being written (or last written), special tokens left out."""
+        return self._tokenizer.decode(self.token_ids[self._reply_start :], skip_special_tokens=True)
+
+    def token_text(self, position: int) -> str:
+        """The transcript token at ``position`` as one printable line (newlines and tabs shown escaped)."""
+        token_id = self.token_ids[position]
+        text = self._piece(token_id)
+        if "\ufffd" in text:  # a lone byte of a multi-byte character
+            text = self._tokenizer.convert_ids_to_tokens(token_id)
+        return text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+    # ----------------------------------------------------------------- lens
+    def lens(self, index: int) -> list[LensLayer]:
+        """The logit lens of generated token ``index`` (computed once, then cached on the record)."""
+        return self.lens_many([index])[0]
+
+    def lens_many(self, indices: list[int]) -> list[list[LensLayer]]:
+        """The lens of several records, computed in batched matrix products (the dump uses this)."""
+        with self._lens_lock:
+            if self._lens is None:
+                return [[] for _ in indices]
+            missing = [i for i in indices if self.records[i].lens is None]
+            if missing:
+                stacked = torch.stack([self._hidden[i] for i in missing])
+                for i, layers in zip(missing, self._lens.top(stacked, self.top_k, self._piece)):
+                    self.records[i].lens = layers
+            return [self.records[i].lens for i in indices]
+
+    # --------------------------------------------------------------- branch
+    def _crop(self, keep_tokens: int, keep_records: int) -> None:
+        """Go back to the transcript's first ``keep_tokens`` tokens (the last one pending)."""
+        keep_entries = bisect.bisect_left(self._positions, keep_tokens - 1)
+        kv_adapter.crop_cache(self._cache, keep_entries)
+        del self._positions[keep_entries:]
+        self._received = self._received[:keep_entries].clone()
+        del self.token_ids[keep_tokens:]
+        del self.records[keep_records:]
+        del self._hidden[keep_records:]
+        while self._turns and self._turns[-1].first_record > keep_records:
+            self._turns.pop()
+        if self._turns:
+            mark = self._turns[-1]
+            self.messages = self.messages[: mark.message_count]
+            self._rendered = mark.rendered
+            self._reply_start = mark.reply_start
+        context = self.token_ids[max(0, self._reply_start - DECODER_CONTEXT) : self._reply_start]
+        self._decoder = IncrementalDecoder(self._tokenizer, context)
+        for token in self.token_ids[self._reply_start :]:
+            self._decoder.push(token)
+
+    def branch(self, index: int, token_id: int) -> StepRecord:
+        """Go back to generated token ``index`` and put ``token_id`` there instead; it becomes pending.
+
+        The abandoned line is kept in ``branches`` (switch back with ``switch_branch``).
+        """
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"no generated token {index}")
+        old = self.records[index]
+        label = f"#{index} {self._piece(old.token_id)!r}"
+        self.branches.append(self._current_line(label))
+        self._crop(old.position, index)
+        self.stop_reason = None
+        record = self._advance(forced=token_id)
+        assert record is not None  # the position was reachable before
+        return record
+
+    def _current_line(self, label: str) -> Branch:
+        return Branch(
+            records=list(self.records),
+            state=self.export_state(),
+            label=label,
+            hidden=list(self._hidden),
+            turns=list(self._turns),
+        )
+
+    def switch_branch(self, i: int) -> None:
+        """Swap the current line with ``branches[i]``."""
+        other = self.branches[i]
+        label = f"#{len(self.records)} tokens {self.reply_text()[-24:]!r}"
+        self.branches[i] = self._current_line(label)
+        self._restore(other.state)
+        self.records, self._hidden, self._turns = list(other.records), list(other.hidden), list(other.turns)
+
+    # ------------------------------------------------------- export / import
+    def export_state(self) -> KVState:
+        keys, values = kv_adapter.cache_tensors(self._cache)
+        return KVState(
+            keys=keys,
+            values=values,
+            token_ids=list(self.token_ids),
+            positions=list(self._positions),
+            fingerprint=self.loaded.fingerprint,
+            attention_scores=self._received.tolist() if self.attention_available else None,
+            metadata={
+                "messages": [dict(m) for m in self.messages],
+                "reply": self.reply_text(),
+                "reply_start": self._reply_start,
+                "rendered": self._rendered,
+                "sampling": self.sampling.to_dict(),
+                "stop_reason": self.stop_reason,
+                "model": self.loaded.name,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+
+    def import_state(self, state: KVState) -> None:
+        """Continue from ``state``; refused (session unchanged) when it was made by another model."""
+        differences = self.loaded.fingerprint.differences(state.fingerprint)
+        if differences:
+            raise FingerprintMismatch(
+                f"this KV state was made by another model than {self.loaded.name}: " + "; ".join(differences)
+            )
+        try:
+            state.validate()
+        except ValueError as error:
+            raise SnapshotError(f"the KV state is inconsistent: {error}") from error
+        self._restore(state)
+        self.records, self._hidden, self.branches = [], [], []
+        self._turns = [TurnMark(0, len(self.messages), self._rendered, self._reply_start)]
+
+    def _restore(self, state: KVState) -> None:
+        self._cache = kv_adapter.cache_from_tensors(
+            state.keys, state.values, self._config, self.loaded.device, self.loaded.dtype
+        )
+        self.token_ids = list(state.token_ids)
+        self._positions = list(state.positions)
+        scores = state.attention_scores or [0.0] * len(state.positions)
+        self._received = torch.tensor(scores, dtype=torch.float64)
+        meta = state.metadata
+        self.messages = [dict(m) for m in meta.get("messages", [])]
+        self._rendered = meta.get("rendered") or ""
+        self._reply_start = min(int(meta.get("reply_start", len(self.token_ids))), len(self.token_ids))
+        self._decoder = IncrementalDecoder(self._tokenizer, self.token_ids[-DECODER_CONTEXT:])
+        self.stop_reason = None
