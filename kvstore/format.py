@@ -32,7 +32,7 @@ MAX_HEADS = 1024
 MAX_HEAD_DIM = 16384
 MAX_TOKENS = 1 << 22
 MAX_NESTING = 32  # depth of msgpack containers in the header (metadata included)
-MAX_CONTAINER_LEN = 1 << 16  # entries of one msgpack array or map
+MAX_CONTAINER_LEN = 1 << 22  # entries of one msgpack array or map (per-token texts fit)
 MAX_STRING_BYTES = 16 << 20
 MAX_PAYLOAD_BYTES = 4 << 30  # decoded bytes of one layer's K or V
 DEFAULT_MAX_STATE_BYTES = 32 << 30  # decoded bytes of the whole state (load(max_bytes=...))

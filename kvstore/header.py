@@ -8,6 +8,7 @@ field's type and range is validated before any size derived from it is used.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,7 @@ def encode_header(state: KVState, codec: Codec) -> tuple[bytes, Header]:
             f"Cannot save a KV cache of dtype {dtype}: every tensor must be one of "
             f"{', '.join(DTYPES)} and all must share it."
         )
-    metadata = {k: v for k, v in state.metadata.items() if k not in ("label", "created")}
+    metadata = dict(state.metadata)
     header = Header(
         fingerprint=state.fingerprint,
         codec=codec,
@@ -82,8 +83,8 @@ def encode_header(state: KVState, codec: Codec) -> tuple[bytes, Header]:
         positions=list(state.positions),
         attention_scores=state.attention_scores,
         metadata=metadata,
-        label=str(state.metadata.get("label", "")),
-        created=float(state.metadata.get("created", time.time())),
+        label=str(metadata.get("label") or ""),
+        created=_unix_time(metadata.get("created")),
     )
     doc = {
         "kind": KIND,
@@ -173,6 +174,18 @@ def decode_header(data: bytes) -> Header:
         label=_field(doc, "label", str),
         created=float(_field(doc, "created", (int, float))),
     )
+
+
+def _unix_time(value: Any) -> float:
+    """Creation time as Unix seconds from a number or an ISO 8601 string; now when absent."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            pass
+    return time.time()
 
 
 def _corrupt(reason: str) -> SnapshotError:

@@ -152,9 +152,6 @@ def load(
             raise _corrupt("the end marker is wrong")
         if f.read(1):
             raise _corrupt("there are extra bytes after the end marker")
-    metadata = dict(header.metadata)
-    metadata["label"] = header.label
-    metadata["created"] = header.created
     state = KVState(
         keys=tensors["key"],
         values=tensors["value"],
@@ -162,7 +159,7 @@ def load(
         positions=header.positions,
         fingerprint=header.fingerprint,
         attention_scores=header.attention_scores,
-        metadata=metadata,
+        metadata=header.metadata,
     )
     try:
         state.validate()
