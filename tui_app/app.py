@@ -246,18 +246,13 @@ class KvtraceApp(App[None]):
 
     # -- the session view -----------------------------------------------------------------------
     def _token_text(self, position: int) -> str:
-        """Text of the transcript token at ``position``; generated tokens come from their records."""
-        text = self._token_texts.get(position)
-        if text is None:
-            text = self.session.token_text(position) if not self.generating else "…"
-            if not self.generating:
-                self._token_texts[position] = text
-        return text
+        """Text of the transcript token at ``position``, read from the session when it was idle."""
+        return self._token_texts.get(position, "…")
 
     def _sync_view(self) -> None:
         """Redraw everything from the session; only while no worker is using it."""
         session = self.session
-        self._token_texts = {r.position: r.text for r in session.records}
+        self._token_texts = {p: session.token_text(p) for p in range(session.context_tokens)}
         self.timeline.set_records(session.records)
         messages = list(session.messages)
         reply = session.reply_text()
@@ -357,7 +352,8 @@ class KvtraceApp(App[None]):
             try:
                 if prepare is not None:
                     prepare(session)
-                    self.post_message(TurnStarted(run_id))
+                    texts = [session.token_text(p) for p in range(session.context_tokens)]
+                    self.post_message(TurnStarted(run_id, texts))
                 session.generate(steps, cancel=cancel, on_step=on_step)
             except UserError as exc:
                 error = str(exc)
@@ -366,6 +362,7 @@ class KvtraceApp(App[None]):
 
     def on_turn_started(self, message: TurnStarted) -> None:
         if message.run_id == self.run_id and not self.cancel.is_set():
+            self._token_texts = dict(enumerate(message.token_texts))
             self.chat.show_conversation(list(self.session.messages), "")
             self._live_reply = ""
 

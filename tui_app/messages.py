@@ -33,9 +33,14 @@ class ModelFailed(Message):
 
 @dataclass
 class TurnStarted(Message):
-    """The prompt of a new turn is in the cache; the reply follows."""
+    """The prompt of a new turn is in the cache; the reply follows.
+
+    ``token_texts`` holds the text of every transcript position so far, read in the worker, so the
+    attention pane can label prompt tokens without touching the tokenizer while the model runs.
+    """
 
     run_id: int
+    token_texts: list[str]
 
 
 @dataclass

@@ -52,7 +52,7 @@ class TokenTimeline(ScrollView, can_focus=True):
     """Generated tokens wrapped into lines; left/right/home/end (bound on the app) move the selection."""
 
     DEFAULT_CSS = """
-    TokenTimeline { height: 5; }
+    TokenTimeline { height: 5; overflow-x: hidden; scrollbar-gutter: stable; scrollbar-size-vertical: 1; }
     """
 
     class Selected(Message):
