@@ -121,7 +121,7 @@ class KvtraceApp(App[None]):
         self.busy = False  # a save/load/prune/export task is running
         self.active_pane = "topk"
         self._after_run: list[Callable[[], None]] = []
-        self._run_started = 0.0
+        self._run_started = 0.0  # when the run's first token arrived
         self._run_steps = 0
         self._live_reply = ""
         self._token_texts: dict[int, str] = {}
@@ -333,7 +333,6 @@ class KvtraceApp(App[None]):
         self.run_id += 1
         self.cancel = threading.Event()
         self.generating = True
-        self._run_started = time.monotonic()
         self._run_steps = 0
         self.timeline.follow = True
         self.status_bar.set(activity="generating")
@@ -375,9 +374,13 @@ class KvtraceApp(App[None]):
         self._live_reply += record.text
         self.timeline.append(record)
         self.chat.update_reply(self._live_reply)
-        elapsed = time.monotonic() - self._run_started
+        speed = None
+        if self._run_steps == 1:  # the clock starts at the first token, after the prefill
+            self._run_started = time.monotonic()
+        else:
+            speed = (self._run_steps - 1) / max(time.monotonic() - self._run_started, 1e-6)
         self.status_bar.set(context_tokens=message.context_tokens, kv_bytes=message.kv_bytes,
-                            tokens_per_second=self._run_steps / elapsed if elapsed > 0 else None)
+                            **({} if speed is None else {"tokens_per_second": speed}))
 
     def on_run_finished(self, message: RunFinished) -> None:
         if message.run_id != self.run_id:
