@@ -6,9 +6,11 @@ _VISIBLE = str.maketrans({"\n": "⏎", "\r": "␍", "\t": "⇥"})
 
 
 def visible_token(text: str) -> str:
-    """A token piece with line breaks and tabs made visible, so every token occupies cells."""
+    """A token piece with line breaks and tabs made visible (and spaces, when that is all it is)."""
     if text == "":
         return "∅"
+    if text.isspace():
+        text = text.replace(" ", "␣")
     return text.translate(_VISIBLE)
 
 
