@@ -382,3 +382,14 @@ async def test_layout_fits_small_and_uses_large_terminals(size):
         assert "Tokens" in text and "Top-k" in text and "Chat" in text
         wide = size[0] >= 120
         assert ("Attention ·" in text) == wide and ("Lens ·" in text) == wide
+
+
+async def test_q_in_a_dialog_does_not_quit_but_ctrl_q_does():
+    app = KvtraceApp(FakeSession())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+s")
+        app.screen.query_one("#cancel").focus()
+        await pilot.press("q")
+        assert app.is_running and app.screen.query("#codec")
+        await pilot.press("ctrl+q")
+    assert not app.is_running

@@ -47,7 +47,7 @@ PANES = {"topk": "1 Top-k", "attention": "2 Attention", "lens": "3 Lens"}
 # Actions that need a loaded session and no dialog on top.
 SESSION_ACTIONS = {"save", "load", "prune", "generate", "step", "branch", "switch_branch", "export", "stop",
                    "move", "first", "last", "candidate", "attention_mode", "attention_layer", "pane",
-                   "focus_input"}
+                   "focus_input", "leave"}
 # What the command palette lists besides Textual's own commands.
 COMMANDS: list[tuple[str, str, str]] = [  # (action, palette title, help)
     ("generate", "Generate", "Generate up to max-new-tokens more tokens (g)"),
@@ -85,7 +85,7 @@ class KvtraceApp(App[None]):
         Binding("B", "switch_branch", "Other branch", show=False),
         Binding("ctrl+e", "export", "Export", show=False, priority=True),
         Binding("f1,question_mark", "help", "Help", key_display="?"),
-        Binding("q", "quit", "Quit"),
+        Binding("q", "leave", "Quit"),
         Binding("f2", "command_palette", "Palette", show=False, priority=True),
         Binding("colon", "command_palette", "Palette", show=False),
         Binding("left", "move(-1)", "Previous token", show=False),
@@ -104,14 +104,13 @@ class KvtraceApp(App[None]):
     ]
 
     def __init__(self, session: Any = None, *, loader: SessionLoader | None = None, system: str | None = None,
-                 max_new_tokens: int | None = None, prompt: str = "") -> None:
+                 prompt: str = "") -> None:
         super().__init__()
         if session is None and loader is None:
             raise ValueError("KvtraceApp needs a session or a loader")
         self.session = session
         self.loader = loader
         self.system = system
-        self.max_new_tokens = max_new_tokens
         self.load_error: str | None = None
         self.initial_prompt = prompt
         self.session_lock = threading.Lock()
@@ -191,8 +190,6 @@ class KvtraceApp(App[None]):
 
     def _session_ready(self, session: Any) -> None:
         self.session = session
-        if self.max_new_tokens is not None:
-            session.sampling.max_new_tokens = self.max_new_tokens
         loaded = session.loaded
         self.status_bar.set(model=loaded.name, device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
                             context_limit=loaded.context_limit, activity="idle")
@@ -207,7 +204,7 @@ class KvtraceApp(App[None]):
         if action in SESSION_ACTIONS or action == "help":
             if isinstance(self.screen, ModalScreen):
                 return False
-            if action != "help" and self.session is None:
+            if action not in ("help", "leave") and self.session is None:
                 return None
         return True
 
@@ -460,6 +457,10 @@ class KvtraceApp(App[None]):
 
     def action_focus_input(self) -> None:
         self.query_one("#prompt", Input).focus()
+
+    def action_leave(self) -> None:
+        """q: quit, but only from the main screen (in a dialog q is a letter; ctrl+q always quits)."""
+        self.exit()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.keys_for_help()))
