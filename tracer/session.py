@@ -133,6 +133,11 @@ class TraceSession:
         return kv_adapter.cache_nbytes(self._cache)
 
     @property
+    def lens_supported(self) -> bool:
+        """False when the model's final norm or output head was not found (a notice says so)."""
+        return self._lens is not None
+
+    @property
     def positions(self) -> list[int]:
         """Original position of every cache entry (a copy)."""
         return list(self._positions)

@@ -1,0 +1,101 @@
+"""``kvtrace --dump`` end to end through ``python -m tui_app``: the schema, bad input, and no textual."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import ViTConfig
+
+from tests.conftest import REPO_ROOT
+
+
+def kvtrace(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tui_app", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_dump_writes_header_steps_and_end(tiny_llama_dir, tmp_path):
+    out = tmp_path / "trace.jsonl"
+    result = kvtrace("--model", str(tiny_llama_dir), "--dump", str(out), "--prompt", "Why is the sky blue?",
+                     "--max-new-tokens", "5", "--top-k", "4")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    header, steps, end = lines[0], lines[1:-1], lines[-1]
+    assert header["type"] == "header" and header["fingerprint"]["num_kv_heads"] == 2
+    assert header["settings"]["top_k"] == 4 and header["messages"][-1]["content"] == "Why is the sky blue?"
+    assert header["prompt_tokens"][-1]["position"] == steps[0]["position"] - 1
+    assert [s["index"] for s in steps] == list(range(5)) and end == {
+        "type": "end", "stop_reason": "max_tokens", "generated": 5, "reply": end["reply"]}
+    for step in steps:
+        assert len(step["top"]) == 4 and len(step["lens"]) == 2
+        assert step["lens"][-1]["top"][0]["token_id"] == step["token_id"]  # greedy: the last layer decides
+        assert sum(step["attention"]["mean"]) == pytest.approx(1.0, abs=1e-4)
+    # random weights may end on half a character, which the incremental decoder holds back
+    assert end["reply"].startswith("".join(s["text"] for s in steps))
+
+
+def test_dump_to_stdout_without_lens(tiny_gpt2_dir):
+    result = kvtrace("--model", str(tiny_gpt2_dir), "--dump", "-", "--prompt", "Hello", "--max-new-tokens", "3",
+                     "--no-lens", "--temperature", "0.8", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["type"] for line in lines] == ["header", "step", "step", "step", "end"]
+    assert all(line["lens"] is None for line in lines[1:-1])
+
+
+def test_headless_dump_never_imports_textual(tiny_gpt2_dir, tmp_path):
+    code = (
+        "import sys; from tui_app.cli import main; code = main(sys.argv[1:]); "
+        "print('textual' in sys.modules); sys.exit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--model", str(tiny_gpt2_dir), "--dump", str(tmp_path / "t.jsonl"),
+         "--prompt", "Hello", "--max-new-tokens", "2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+@pytest.fixture
+def not_causal_dir(tmp_path) -> Path:
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    return tmp_path / "vit"
+
+
+@pytest.fixture
+def corrupt_gguf(tmp_path) -> Path:
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\x00garbage" * 10)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("empty prompt", "the prompt is empty"),
+        ("long prompt", r"the prompt is \d+ tokens long, but .* at most 256 tokens"),
+        ("unknown model", "neither a local path nor in the local Hugging Face cache"),
+        ("not causal", "'vit' model, which is not a causal language model"),
+        ("missing path", "no such model file or folder: ./no/such/model"),
+        ("corrupt gguf", "cannot load model .*broken.gguf"),
+        ("bad sampling", "top-p must be above 0"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_2(case, expected, tiny_llama_dir, not_causal_dir, corrupt_gguf, tmp_path):
+    model = {"unknown model": "no-such-org-xyz/no-such-model", "not causal": str(not_causal_dir),
+             "missing path": "./no/such/model", "corrupt gguf": str(corrupt_gguf)}.get(case, str(tiny_llama_dir))
+    prompt = {"empty prompt": "  ", "long prompt": "story " * 300}.get(case, "Hello")
+    extra = ["--top-p", "0"] if case == "bad sampling" else []
+    result = kvtrace("--model", model, "--dump", str(tmp_path / "t.jsonl"), "--prompt", prompt, *extra)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kvtrace: error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.search(expected, errors[0]), errors[0]
+    assert not (tmp_path / "t.jsonl").exists()

@@ -1,0 +1,88 @@
+"""The headless trace as JSON Lines: a header, one line per generated token, an end line.
+
+Lines are written as records arrive, the logit lens computed in batches of
+records (one matrix product per batch instead of one per token), so ``-`` can be
+piped while the model writes. The schema is documented in the README.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TextIO
+
+from tracer.records import StepRecord
+from tracer.session import TraceSession
+
+SCHEMA_VERSION = 1
+LENS_BATCH = 32  # records per lens batch
+
+
+def header(session: TraceSession, *, with_lens: bool) -> dict[str, Any]:
+    loaded = session.loaded
+    prompt_length = session.records[0].position if session.records else len(session.token_ids)
+    return {
+        "type": "header",
+        "version": SCHEMA_VERSION,
+        "model": loaded.name,
+        "fingerprint": loaded.fingerprint.to_dict(),
+        "device": str(loaded.device),
+        "settings": {**session.sampling.to_dict(), "top_k": session.top_k, "lens": with_lens,
+                     "attention": session.attention_available},
+        "messages": session.messages,
+        "prompt_tokens": [
+            {"position": p, "id": session.token_ids[p], "text": session.token_text(p)} for p in range(prompt_length)
+        ],
+        "notices": session.notices,
+    }
+
+
+def step_line(record: StepRecord) -> dict[str, Any]:
+    return {"type": "step", **record.to_dict()}
+
+
+class TraceWriter:
+    """Streams a session's trace to ``out``; call ``header``, then ``steps`` as records come, then ``end``."""
+
+    def __init__(self, session: TraceSession, out: TextIO, *, with_lens: bool = True):
+        self.session = session
+        self.out = out
+        self.with_lens = with_lens and session.lens_supported
+        self._pending: list[StepRecord] = []
+
+    def _write(self, line: dict[str, Any]) -> None:
+        self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    def header(self) -> None:
+        self._write(header(self.session, with_lens=self.with_lens))
+
+    def step(self, record: StepRecord) -> None:
+        self._pending.append(record)
+        if len(self._pending) >= LENS_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.with_lens and self._pending:
+            self.session.lens_many([r.index for r in self._pending])
+        for record in self._pending:
+            self._write(step_line(record))
+        self._pending.clear()
+        self.out.flush()
+
+    def end(self) -> None:
+        self.flush()
+        self._write({
+            "type": "end",
+            "stop_reason": self.session.stop_reason,
+            "generated": len(self.session.records),
+            "reply": self.session.reply_text(),
+        })
+        self.out.flush()
+
+
+def write_trace(session: TraceSession, out: TextIO, *, with_lens: bool = True) -> None:
+    """Write the trace of everything the session generated so far."""
+    writer = TraceWriter(session, out, with_lens=with_lens)
+    writer.header()
+    for record in session.records:
+        writer.step(record)
+    writer.end()
