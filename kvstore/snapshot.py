@@ -126,12 +126,7 @@ def load(
         size = os.fstat(f.fileno()).st_size
         _, header = _read_header(f, size)
         if expected is not None:
-            differences = expected.differences(header.fingerprint)
-            if differences:
-                raise FingerprintMismatch(
-                    f"The snapshot was made by another model ({header.fingerprint.model_id}, "
-                    f"not {expected.model_id}): " + "; ".join(differences) + "."
-                )
+            check_fingerprint(header.fingerprint, expected)
         sizes = header.payload_sizes()
         too_big = [s for _, _, s in sizes if s > fmt.MAX_PAYLOAD_BYTES]
         if too_big or sum(s for _, _, s in sizes) > max_bytes:
@@ -166,6 +161,16 @@ def load(
     except ValueError as error:
         raise _corrupt(str(error)) from None
     return state
+
+
+def check_fingerprint(found: ModelFingerprint, expected: ModelFingerprint) -> None:
+    """``FingerprintMismatch`` naming every field that differs, when a snapshot does not fit a model."""
+    differences = expected.differences(found)
+    if differences:
+        raise FingerprintMismatch(
+            f"The snapshot was made by another model ({found.model_id}, not {expected.model_id}): "
+            + "; ".join(differences) + "."
+        )
 
 
 def _open(path: str | os.PathLike[str]) -> BinaryIO:

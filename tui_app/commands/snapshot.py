@@ -53,7 +53,8 @@ def _save(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    info = snapshot.read_info(args.file)  # fails fast on a bad file, before any model load
+    info = snapshot.read_info(args.file)
+    state = snapshot.load(args.file)  # a bad file fails here, before any model load
     _check_count("--steps", args.steps)
     if args.output:
         _check_output(args.output)
@@ -62,7 +63,7 @@ def _resume(args: argparse.Namespace) -> int:
     if args.model is None and Path(info.fingerprint.model_id).is_dir():
         args.model = info.fingerprint.model_id  # a local folder named in the snapshot
     loaded = _load_model(args)
-    state = snapshot.load(args.file, expected=loaded.fingerprint)
+    snapshot.check_fingerprint(state.fingerprint, loaded.fingerprint)
     session = _new_session(loaded, args, max_new_tokens=max(args.steps, 1), top_k=args.top_k)
     session.import_state(state)
     if args.continue_text:
