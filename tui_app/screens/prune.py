@@ -53,10 +53,9 @@ class PruneScreen(ModalScreen[PruneRequest | None]):
     def compose(self) -> ComposeResult:
         n = len(self.positions)
         with Vertical(id="dialog"):
-            yield Label("Prune the KV cache (positions are kept: generation continues at the true next one)",
-                        classes="title")
-            yield Label(f"Now: {n} cache entries of {self.tokens} tokens, {byte_count(self.nbytes)}",
-                        classes="muted")
+            yield Label("Prune the KV cache", classes="title")
+            yield Label(f"Now: {n} cache entries of {self.tokens} tokens, {byte_count(self.nbytes)}. Positions "
+                        "are kept: generation continues at the true next one.", classes="muted")
             yield Label("Method")
             yield Select(METHODS, value="sinks_recent", allow_blank=False, id="method")
             with Horizontal(classes="fields"):
