@@ -166,10 +166,10 @@ async def test_branch_with_selected_candidate_and_switch_back():
         assert app.timeline.records == session.records
         assert len(session.branches) == 1
         await pilot.press("B")
-        await pilot.pause()
+        await wait_idle(pilot)
         assert [r.token_id for r in app.timeline.records] == original
         await pilot.press("B")
-        await pilot.pause()
+        await wait_idle(pilot)
         assert app.timeline.records[2].token_id == candidate.token_id
 
 
@@ -393,3 +393,16 @@ async def test_q_in_a_dialog_does_not_quit_but_ctrl_q_does():
         assert app.is_running and app.screen.query("#codec")
         await pilot.press("ctrl+q")
     assert not app.is_running
+
+
+async def test_ansi_theme_keeps_the_timeline_tints_in_the_terminals_own_colours():
+    from rich.color import ColorType
+
+    app = KvtraceApp(FakeSession())
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.theme = "ansi-dark"
+        await send(pilot, "hello there")
+        strip = app.timeline.render_line(0)
+        tints = [seg.style.bgcolor for seg in strip if seg.text.strip() and seg.style and seg.style.bgcolor]
+        assert tints and all(color.type == ColorType.STANDARD for color in tints)
+        assert "assistant:" in screen_text(app)

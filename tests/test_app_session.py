@@ -125,3 +125,21 @@ async def test_the_command_loader_opens_the_model_inside_the_app(tiny_llama_dir)
         assert "tiny" in screen_text(app) or app.session.loaded.name in screen_text(app)
         await send(pilot, "Hello")
         assert len(app.session.records) == 5
+
+
+async def test_branch_and_back_on_a_real_session(tiny):
+    session = new_session(tiny)
+    app = KvtraceApp(session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await send(pilot, "Tell me a story about a small robot.")
+        original = [r.token_id for r in session.records]
+        await pilot.press("home", "right", "right")
+        candidate = app.query_one("TopKPane").candidate
+        await pilot.press("b")
+        await wait_idle(pilot)
+        assert session.records[2].forced and session.records[2].token_id == candidate.token_id
+        assert [r.token_id for r in session.records[:2]] == original[:2]
+        assert app.timeline.records == session.records
+        await pilot.press("B")
+        await wait_idle(pilot)
+        assert [r.token_id for r in app.timeline.records] == original

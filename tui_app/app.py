@@ -485,16 +485,10 @@ class KvtraceApp(App[None]):
         if self.session is not None and not self.session.branches:
             self.notify("There is no other branch yet: b makes one.", severity="warning")
             return
-        self._when_idle(lambda: self._switch_branch(len(self.session.branches) - 1))
+        self._switch_branch(len(self.session.branches) - 1)
 
     def _switch_branch(self, i: int) -> None:
-        if self.generating or self.busy:
-            self._when_idle(lambda: self._switch_branch(i))
-            return
-        with self.session_lock:
-            self.session.switch_branch(i)
-        self._sync_view()
-        self.notify(f"Switched to branch {i}; the line you left is now branch {i}.")
+        self._when_idle(lambda: self._run_task("Switching…", partial(_switch_branch, index=i)))
 
     # -- snapshots, pruning, export --------------------------------------------------------------
     def action_save(self) -> None:
@@ -571,6 +565,11 @@ def _start_turn(session: Any, *, text: str, system: str | None) -> None:
 
 def _branch(session: Any, *, index: int, token_id: int) -> None:
     session.branch(index, token_id)
+
+
+def _switch_branch(session: Any, *, index: int) -> tuple[str, bool]:
+    session.switch_branch(index)
+    return f"Switched to branch {index}; the line you left is now branch {index} (B swaps back).", True
 
 
 def _save(session: Any, *, request: SaveRequest) -> tuple[str, bool]:
