@@ -29,25 +29,39 @@ from tui_app.app import KvtraceApp  # noqa: E402
 TARGET_MS = 100.0
 
 
-async def press_and_time(app: KvtraceApp, frames: list[tuple[float, int | None]], key: str) -> float:
-    """Milliseconds from posting ``key`` to the first composed frame showing the moved selection."""
-    before = app.timeline.selected
-    start = time.perf_counter()
-    app.simulate_key(key)
-    while True:
-        for stamp, selected in reversed(frames):
-            if stamp < start:
-                break
-            if selected != before:
-                return (min(t for t, s in frames if t >= start and s != before) - start) * 1000
-        await asyncio.sleep(0.0005)
+class FrameWatch:
+    """Hooked into the app's display call: notes the first frame that shows a moved selection."""
+
+    def __init__(self, app: KvtraceApp) -> None:
+        self.app = app
+        self.before: int | None = None
+        self.shown_at = 0.0
+        self.shown = asyncio.Event()
+        original = app._display
+
+        def display(screen, renderable) -> None:
+            if renderable is not None and not self.shown.is_set() and app.timeline.selected != self.before:
+                self.shown_at = time.perf_counter()
+                self.shown.set()
+            original(screen, renderable)
+
+        app._display = display
+
+    async def press(self, key: str) -> float:
+        """Milliseconds from posting ``key`` to the first composed frame showing the moved selection."""
+        self.before = self.app.timeline.selected
+        self.shown.clear()
+        start = time.perf_counter()
+        self.app.simulate_key(key)
+        await asyncio.wait_for(self.shown.wait(), timeout=10)
+        return (self.shown_at - start) * 1000
 
 
-async def sample(app: KvtraceApp, frames: list, count: int) -> list[float]:
+async def sample(watch: FrameWatch, count: int) -> list[float]:
     """``count`` presses alternating right/left around the first tokens, at random intervals."""
     results = []
     for i in range(count):
-        results.append(await press_and_time(app, frames, "right" if i % 2 == 0 else "left"))
+        results.append(await watch.press("right" if i % 2 == 0 else "left"))
         await asyncio.sleep(random.uniform(0.02, 0.08))
     return results
 
@@ -65,23 +79,15 @@ async def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device="cpu")
     session = TraceSession(loaded, SamplingSettings(max_new_tokens=12))
     app = KvtraceApp(session)
-    frames: list[tuple[float, int | None]] = []
     async with app.run_test(size=(80, 24)) as pilot:
-        original = app._display
-
-        def display(screen, renderable):
-            if renderable is not None:
-                frames.append((time.perf_counter(), app.timeline.selected))
-            return original(screen, renderable)
-
-        app._display = display
+        watch = FrameWatch(app)
         app.query_one("#prompt").focus()
         await pilot.press(*"Tell me a long story about a robot.", "enter")
         while app.generating:
             await asyncio.sleep(0.05)
         app.timeline.focus()
         await pilot.press("home")
-        idle = await sample(app, frames, args.presses)
+        idle = await sample(watch, args.presses)
 
         session.sampling.max_new_tokens = 100_000
         await pilot.press("g")
@@ -89,7 +95,7 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.05)
         await pilot.press("home")
         steps_before, t0 = len(app.timeline.records), time.perf_counter()
-        busy = await sample(app, frames, args.presses)
+        busy = await sample(watch, args.presses)
         rate = (len(app.timeline.records) - steps_before) / (time.perf_counter() - t0)
         still_generating = app.generating
         await pilot.press("escape")
