@@ -406,3 +406,20 @@ async def test_ansi_theme_keeps_the_timeline_tints_in_the_terminals_own_colours(
         tints = [seg.style.bgcolor for seg in strip if seg.text.strip() and seg.style and seg.style.bgcolor]
         assert tints and all(color.type == ColorType.STANDARD for color in tints)
         assert "assistant:" in screen_text(app)
+
+
+async def test_while_a_branch_streams_the_screen_shows_the_new_line_only():
+    session = FakeSession()
+    app = KvtraceApp(session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await send(pilot, "hello there")
+        kept = "".join(r.text for r in session.records[:2])
+        session.step_delay = 0.1
+        await pilot.press("home", "right", "right", "down", "b")
+        await wait_until(pilot, lambda: len(app.timeline.records) >= 4)
+        assert app.generating
+        shown = app.timeline.records
+        assert shown[2].forced and shown == session.records[: len(shown)]
+        assert app._live_reply.startswith(kept + shown[2].text)
+        await pilot.press("escape")
+        await wait_idle(pilot)

@@ -349,7 +349,8 @@ class KvtraceApp(App[None]):
                 if prepare is not None:
                     prepare(session)
                     texts = [session.token_text(p) for p in range(session.context_tokens)]
-                    self.post_message(TurnStarted(run_id, texts))
+                    self.post_message(TurnStarted(run_id, list(session.records), list(session.messages),
+                                                  session.reply_text(), texts))
                 session.generate(steps, cancel=cancel, on_step=on_step)
             except UserError as exc:
                 error = str(exc)
@@ -359,8 +360,9 @@ class KvtraceApp(App[None]):
     def on_turn_started(self, message: TurnStarted) -> None:
         if message.run_id == self.run_id and not self.cancel.is_set():
             self._token_texts = dict(enumerate(message.token_texts))
-            self.chat.show_conversation(list(self.session.messages), "")
-            self._live_reply = ""
+            self.timeline.set_records(message.records)
+            self.chat.show_conversation(message.messages, message.reply)
+            self._live_reply = message.reply
 
     def on_step_taken(self, message: StepTaken) -> None:
         if message.run_id != self.run_id or self.cancel.is_set():

@@ -33,13 +33,17 @@ class ModelFailed(Message):
 
 @dataclass
 class TurnStarted(Message):
-    """The prompt of a new turn is in the cache; the reply follows.
+    """A new turn's prompt (or a branch's forced token) is in place; the reply continues from here.
 
-    ``token_texts`` holds the text of every transcript position so far, read in the worker, so the
-    attention pane can label prompt tokens without touching the tokenizer while the model runs.
+    Everything the screen needs is read in the worker, under the session lock, so the event loop
+    never touches the tokenizer while the model runs: the records so far, the messages, the reply
+    text, and the text of every transcript position (for the attention pane's labels).
     """
 
     run_id: int
+    records: list[StepRecord]
+    messages: list[dict[str, str]]
+    reply: str
     token_texts: list[str]
 
 
