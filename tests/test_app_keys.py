@@ -423,3 +423,18 @@ async def test_while_a_branch_streams_the_screen_shows_the_new_line_only():
         assert app._live_reply.startswith(kept + shown[2].text)
         await pilot.press("escape")
         await wait_idle(pilot)
+
+
+async def test_switching_branch_while_the_branch_generates():
+    session = FakeSession()
+    app = KvtraceApp(session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await send(pilot, "hello there")
+        original = [r.token_id for r in session.records]
+        session.step_delay = 0.05
+        await pilot.press("home", "right", "down", "b")
+        await wait_until(pilot, lambda: len(app.timeline.records) >= 3)
+        await pilot.press("B", "left", "right", "end")
+        await wait_idle(pilot)
+        assert [r.token_id for r in session.records] == original
+        assert app.timeline.records == session.records

@@ -269,9 +269,10 @@ class KvtraceApp(App[None]):
         return self.screen.has_class("-wide") or self.active_pane == "lens"
 
     @on(TokenTimeline.Selected)
-    def _on_selected(self, message: TokenTimeline.Selected) -> None:
-        record = None if message.index is None else self.timeline.records[message.index]
-        self._show_selection(record)
+    def _on_selected(self) -> None:
+        # The message only says "the selection moved"; the timeline may have changed since it was
+        # posted (a branch or a resync), so show what is selected now.
+        self._show_selection(self.timeline.selected_record)
 
     def _show_selection(self, record: StepRecord | None) -> None:
         self.query_one(TopKPane).show(record)
@@ -306,9 +307,9 @@ class KvtraceApp(App[None]):
         self.post_message(LensReady(index, layers))
 
     def on_lens_ready(self, message: LensReady) -> None:
-        selected = self.timeline.selected
-        if selected == message.index and selected < len(self.timeline.records):
-            self.query_one(LensPane).show(self.timeline.records[selected], message.layers)
+        record = self.timeline.selected_record
+        if record is not None and record.index == message.index:
+            self.query_one(LensPane).show(record, message.layers)
 
     # -- generation -----------------------------------------------------------------------------
     @on(Input.Submitted, "#prompt")
@@ -454,8 +455,7 @@ class KvtraceApp(App[None]):
             pane.set_class(pane.id == name, "-active")
         self._draw_pane_bar()
         if name == "lens":
-            selected = self.timeline.selected
-            self._show_lens(None if selected is None else self.timeline.records[selected])
+            self._show_lens(self.timeline.selected_record)
 
     def action_focus_input(self) -> None:
         self.query_one("#prompt", Input).focus()
@@ -477,7 +477,7 @@ class KvtraceApp(App[None]):
         if index is None or candidate is None:
             self.notify("Select a generated token first (← →).", severity="warning")
             return
-        if candidate.token_id == self.timeline.records[index].token_id:
+        if candidate.token_id == self.timeline.selected_record.token_id:
             self.notify("That is the token already chosen: pick another candidate with ↑ ↓.", severity="warning")
             return
         self.notify(f"Branching at token #{index} with {candidate.text!r}; B goes back to the previous branch.")

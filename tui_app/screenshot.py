@@ -23,7 +23,7 @@ async def capture(app: KvtraceApp, prompt: str, size: tuple[int, int], back: int
         while app.generating or not app.timeline.records:
             await asyncio.sleep(0.1)
         await pilot.press(*["left"] * back)
-        record = app.timeline.records[app.timeline.selected]
+        record = app.timeline.selected_record
         deadline = time.monotonic() + 120
         while record.lens is None and time.monotonic() < deadline:
             await asyncio.sleep(0.1)

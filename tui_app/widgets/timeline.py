@@ -56,11 +56,7 @@ class TokenTimeline(ScrollView, can_focus=True):
     """
 
     class Selected(Message):
-        """The selection moved to generated token ``index`` (``None``: nothing to select)."""
-
-        def __init__(self, index: int | None) -> None:
-            super().__init__()
-            self.index = index
+        """The selection moved (or the tokens under it changed): see ``selected_record``."""
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
@@ -69,6 +65,12 @@ class TokenTimeline(ScrollView, can_focus=True):
         self.follow = True  # keep the newest token selected while generating
         self._lines: list[list[_Cell]] = []
         self._layout_width = 0
+
+    @property
+    def selected_record(self) -> StepRecord | None:
+        if self.selected is None or self.selected >= len(self.records):
+            return None
+        return self.records[self.selected]
 
     # -- data -----------------------------------------------------------------------------------
     def set_records(self, records: list[StepRecord]) -> None:
@@ -108,9 +110,9 @@ class TokenTimeline(ScrollView, can_focus=True):
 
     def _announce(self) -> None:
         self._scroll_to_selection()
-        self.post_message(self.Selected(self.selected))
-        if self.selected is not None:
-            record = self.records[self.selected]
+        self.post_message(self.Selected())
+        record = self.selected_record
+        if record is not None:
             self.border_subtitle = f"#{record.index} p={record.prob:.3f}{' forced' if record.forced else ''}"
         else:
             self.border_subtitle = ""
