@@ -219,7 +219,7 @@ class KvtraceApp(App[None]):
         yield from super().get_system_commands(screen)
 
     def keys_for_help(self) -> list[tuple[str, str]]:
-        keys = [
+        return [
             ("Enter", "send the message in the input box and generate the reply"),
             ("F2 or :", "command palette: every action is there too (ctrl+p is prune here)"),
             ("g / n", "generate more tokens / exactly one token"),
@@ -239,7 +239,6 @@ class KvtraceApp(App[None]):
             ("f1 or ?", "this help"),
             ("q / ctrl+q", "quit"),
         ]
-        return keys
 
     # -- the session view -----------------------------------------------------------------------
     def _token_text(self, position: int) -> str:

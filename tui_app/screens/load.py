@@ -62,7 +62,7 @@ class LoadScreen(ModalScreen[str | None]):
             self.query_one("#path", Input).value = str(path)
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        path = event.value.strip()
+        path = str(Path(event.value.strip()).expanduser()) if event.value.strip() else ""
         info = self.query_one("#info", Static)
         if path and Path(path).is_file():
             info.update(self.describe(path))
@@ -81,8 +81,8 @@ class LoadScreen(ModalScreen[str | None]):
             self.dismiss(None)
 
     def _submit(self) -> None:
-        path = self.query_one("#path", Input).value.strip()
-        if not path or not Path(path).is_file():
+        path = str(Path(self.query_one("#path", Input).value.strip()).expanduser())
+        if not Path(path).is_file():
             self.notify("Pick an existing .kvs file first.", severity="warning")
             return
         self.dismiss(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -43,6 +44,7 @@ class SaveScreen(ModalScreen[SaveRequest | None]):
             yield Label(self.summary, classes="muted")
             yield Label("File name")
             yield Input(default_name(), id="path")
+            yield Label("", id="exists", classes="muted")
             yield Label("Codec")
             yield Select(CODECS, value="lossless", allow_blank=False, id="codec")
             with Horizontal(classes="buttons"):
@@ -57,7 +59,11 @@ class SaveScreen(ModalScreen[SaveRequest | None]):
         if not path:
             self.notify("Type a file name first.", severity="warning")
             return
-        self.dismiss(SaveRequest(path, str(self.query_one("#codec", Select).value)))
+        self.dismiss(SaveRequest(str(Path(path).expanduser()), str(self.query_one("#codec", Select).value)))
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        exists = Path(event.value.strip()).expanduser().is_file()
+        self.query_one("#exists", Label).update("A file with this name exists: Save replaces it." if exists else "")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()

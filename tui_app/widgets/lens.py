@@ -58,6 +58,10 @@ class LensPane(VerticalScroll, inherit_bindings=False):
 
     def show(self, record: StepRecord, layers: list[LensLayer]) -> None:
         self.record = record
+        if not layers:
+            self.border_title = f"Lens · #{record.index}"
+            self.body.update("No logit lens for this model: its final norm or output head was not found.")
+            return
         settle = settling_layer(layers, record.token_id)
         self.border_title = f"Lens · #{record.index}" + (f" · settles at layer {settle}" if settle is not None else "")
         table = Table(box=None, padding=(0, 1), expand=True, show_edge=False, header_style="bold")
