@@ -24,7 +24,7 @@ from kvstore.errors import FingerprintMismatch, SnapshotError
 from kvstore.state import KVState
 from tracer import capture, chat, kv_adapter
 from tracer.detokenize import IncrementalDecoder
-from tracer.errors import PromptError
+from tracer.errors import PromptError, TracerError
 from tracer.lens import LogitLens
 from tracer.loading import LoadedModel
 from tracer.records import LensLayer, StepRecord
@@ -43,6 +43,7 @@ class TurnMark:
     message_count: int
     rendered: str
     reply_start: int
+    received: torch.Tensor  # attention received per cache entry once the turn's prompt was fed
 
 
 @dataclass
@@ -80,20 +81,20 @@ class TraceSession:
         self._cache = kv_adapter.empty_cache(self._config)
         self._positions: list[int] = []  # original position of every cache entry
         self._received = torch.zeros(0, dtype=torch.float64)  # attention received per cache entry
-        self._hidden: list[torch.Tensor] = []  # per record: (layers, hidden) at the fed position
+        self._hidden: list[torch.Tensor] = []  # per record: (layers - 1, hidden) at the fed position
         self._turns: list[TurnMark] = []
         self._rendered = ""
         self._reply_start = 0
         self._decoder = IncrementalDecoder(self._tokenizer)
         self._generator = make_generator(self.sampling.seed)
         self._lens_lock = threading.Lock()
+        self._pieces: dict[int, str] = {}
         self._eos_ids = self._find_eos_ids()
         self._forward_kwargs = (
             {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._model.forward).parameters else {}
         )
         self.attention_available = capture_attention and self._switch_to_eager()
         self._lens = LogitLens.for_model(self._model)
-        self._lens_calibrated = False
         if self._lens is None:
             self._notice(f"{loaded.name}: no final norm and output head found, so the logit lens is skipped")
 
@@ -224,9 +225,13 @@ class TraceSession:
         self.token_ids = self.token_ids + new_ids
         self._prefill(feed, first_position)
         self._begin_reply()
-        self._turns.append(TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start))
+        self._mark_turn()
         if self.sampling.seed is not None:
             self._generator = make_generator(self.sampling.seed)
+
+    def _mark_turn(self) -> None:
+        mark = TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start, self._received.clone())
+        self._turns.append(mark)
 
     def _begin_reply(self) -> None:
         self._reply_start = len(self.token_ids)
@@ -254,10 +259,8 @@ class TraceSession:
             rows = capture.layer_rows(output.attentions)
             attention = capture.evidence(rows, self._positions)
             self._received += rows.mean(dim=0).double()
-        hidden = torch.stack([h[0, -1] for h in output.hidden_states[1:]]).detach()
-        if self._lens is not None and not self._lens_calibrated:
-            self._lens.calibrate(hidden[-1], logits)
-            self._lens_calibrated = True
+        # intermediate layers only: the last layer's lens is the step's own distribution
+        hidden = torch.stack([h[0, -1] for h in output.hidden_states[1:-1]]).detach()
         self.token_ids.append(token)
         record = StepRecord(
             index=len(self.records),
@@ -317,7 +320,12 @@ class TraceSession:
 
     # ----------------------------------------------------------------- text
     def _piece(self, token_id: int) -> str:
-        return self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        """A token's text on its own, memoized: top-k lists and the lens ask for the same ids over and over."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self._pieces[token_id] = text
+        return text
 
     def reply_text(self) -> str:
         """The assistant text being written (or last written), special tokens left out."""
@@ -344,27 +352,36 @@ class TraceSession:
             missing = [i for i in indices if self.records[i].lens is None]
             if missing:
                 stacked = torch.stack([self._hidden[i] for i in missing])
+                last = stacked.shape[1]
                 for i, layers in zip(missing, self._lens.top(stacked, self.top_k, self._piece)):
-                    self.records[i].lens = layers
+                    self.records[i].lens = [*layers, LensLayer(last, list(self.records[i].top))]
             return [self.records[i].lens for i in indices]
 
     # --------------------------------------------------------------- branch
     def _crop(self, keep_tokens: int, keep_records: int) -> None:
-        """Go back to the transcript's first ``keep_tokens`` tokens (the last one pending)."""
+        """Go back to the transcript's first ``keep_tokens`` tokens (the last one pending).
+
+        ``keep_records`` must lie in a turn still held; that turn's chat, and the
+        attention received as it stood then plus what its kept steps added, come back.
+        """
         keep_entries = bisect.bisect_left(self._positions, keep_tokens - 1)
         kv_adapter.crop_cache(self._cache, keep_entries)
         del self._positions[keep_entries:]
-        self._received = self._received[:keep_entries].clone()
         del self.token_ids[keep_tokens:]
+        while len(self._turns) > 1 and self._turns[-1].first_record > keep_records:
+            self._turns.pop()
+        mark = self._turns[-1]
+        self.messages = self.messages[: mark.message_count]
+        self._rendered = mark.rendered
+        self._reply_start = mark.reply_start
+        received = torch.zeros(keep_entries, dtype=torch.float64)
+        received[: len(mark.received)] = mark.received
+        for record in self.records[mark.first_record : keep_records]:
+            if record.attention is not None:
+                received[: len(record.attention.mean)] += torch.tensor(record.attention.mean, dtype=torch.float64)
+        self._received = received
         del self.records[keep_records:]
         del self._hidden[keep_records:]
-        while self._turns and self._turns[-1].first_record > keep_records:
-            self._turns.pop()
-        if self._turns:
-            mark = self._turns[-1]
-            self.messages = self.messages[: mark.message_count]
-            self._rendered = mark.rendered
-            self._reply_start = mark.reply_start
         context = self.token_ids[max(0, self._reply_start - DECODER_CONTEXT) : self._reply_start]
         self._decoder = IncrementalDecoder(self._tokenizer, context)
         for token in self.token_ids[self._reply_start :]:
@@ -405,7 +422,13 @@ class TraceSession:
 
     # ------------------------------------------------------- export / import
     def export_state(self) -> KVState:
-        keys, values = kv_adapter.cache_tensors(self._cache)
+        """The paused generation (cache, transcript, positions, received attention, chat metadata)."""
+        if not self.token_ids:
+            raise TracerError("there is nothing to save yet: start a turn first")
+        fingerprint = self.loaded.fingerprint
+        keys, values = kv_adapter.cache_tensors(
+            self._cache, fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim, self.loaded.dtype
+        )
         return KVState(
             keys=keys,
             values=values,
@@ -438,7 +461,8 @@ class TraceSession:
             raise SnapshotError(f"the KV state is inconsistent: {error}") from error
         self._restore(state)
         self.records, self._hidden, self.branches = [], [], []
-        self._turns = [TurnMark(0, len(self.messages), self._rendered, self._reply_start)]
+        self._turns = []
+        self._mark_turn()
 
     def _restore(self, state: KVState) -> None:
         self._cache = kv_adapter.cache_from_tensors(
