@@ -99,3 +99,16 @@ def test_bad_input_is_one_error_line_and_exit_2(case, expected, tiny_llama_dir, 
     assert "Traceback" not in result.stderr
     assert re.search(expected, errors[0]), errors[0]
     assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_step_line_matches_the_record_dict(tiny_llama_dir):
+    from tracer.dump import step_line
+    from tracer.loading import load_model
+    from tracer.session import TraceSession
+
+    session = TraceSession(load_model(str(tiny_llama_dir)))
+    session.start_turn("Hello")
+    session.generate(2)
+    session.lens(0)
+    for record in session.records:
+        assert json.loads(json.dumps(step_line(record))) == json.loads(json.dumps({"type": "step", **record.to_dict()}))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, TextIO
 
-from tracer.records import StepRecord
+from tracer.records import Candidate, StepRecord
 from tracer.session import TraceSession
 
 SCHEMA_VERSION = 1
@@ -36,8 +36,34 @@ def header(session: TraceSession, *, with_lens: bool) -> dict[str, Any]:
     }
 
 
+def _candidates(top: list[Candidate]) -> list[dict[str, Any]]:
+    return [{"token_id": c.token_id, "text": c.text, "prob": c.prob} for c in top]
+
+
 def step_line(record: StepRecord) -> dict[str, Any]:
-    return {"type": "step", **record.to_dict()}
+    """The same fields as ``StepRecord.to_dict``, built directly (``asdict`` deep-copies: slow at lens size)."""
+    attention = record.attention
+    return {
+        "type": "step",
+        "index": record.index,
+        "position": record.position,
+        "token_id": record.token_id,
+        "text": record.text,
+        "prob": record.prob,
+        "logprob": record.logprob,
+        "entropy": record.entropy,
+        "top": _candidates(record.top),
+        "attention": None if attention is None else {
+            "positions": attention.positions,
+            "mean": attention.mean,
+            "per_layer": attention.per_layer,
+        },
+        "lens": None if record.lens is None else [
+            {"layer": layer.layer, "top": _candidates(layer.top)} for layer in record.lens
+        ],
+        "forced": record.forced,
+        "extra": record.extra,
+    }
 
 
 class TraceWriter:

@@ -80,20 +80,20 @@ class TraceSession:
         self._cache = kv_adapter.empty_cache(self._config)
         self._positions: list[int] = []  # original position of every cache entry
         self._received = torch.zeros(0, dtype=torch.float64)  # attention received per cache entry
-        self._hidden: list[torch.Tensor] = []  # per record: (layers, hidden) at the fed position
+        self._hidden: list[torch.Tensor] = []  # per record: (layers - 1, hidden) at the fed position
         self._turns: list[TurnMark] = []
         self._rendered = ""
         self._reply_start = 0
         self._decoder = IncrementalDecoder(self._tokenizer)
         self._generator = make_generator(self.sampling.seed)
         self._lens_lock = threading.Lock()
+        self._pieces: dict[int, str] = {}
         self._eos_ids = self._find_eos_ids()
         self._forward_kwargs = (
             {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._model.forward).parameters else {}
         )
         self.attention_available = capture_attention and self._switch_to_eager()
         self._lens = LogitLens.for_model(self._model)
-        self._lens_calibrated = False
         if self._lens is None:
             self._notice(f"{loaded.name}: no final norm and output head found, so the logit lens is skipped")
 
@@ -254,10 +254,8 @@ class TraceSession:
             rows = capture.layer_rows(output.attentions)
             attention = capture.evidence(rows, self._positions)
             self._received += rows.mean(dim=0).double()
-        hidden = torch.stack([h[0, -1] for h in output.hidden_states[1:]]).detach()
-        if self._lens is not None and not self._lens_calibrated:
-            self._lens.calibrate(hidden[-1], logits)
-            self._lens_calibrated = True
+        # intermediate layers only: the last layer's lens is the step's own distribution
+        hidden = torch.stack([h[0, -1] for h in output.hidden_states[1:-1]]).detach()
         self.token_ids.append(token)
         record = StepRecord(
             index=len(self.records),
@@ -317,7 +315,12 @@ class TraceSession:
 
     # ----------------------------------------------------------------- text
     def _piece(self, token_id: int) -> str:
-        return self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        """A token's text on its own, memoized: top-k lists and the lens ask for the same ids over and over."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self._pieces[token_id] = text
+        return text
 
     def reply_text(self) -> str:
         """The assistant text being written (or last written), special tokens left out."""
@@ -344,8 +347,9 @@ class TraceSession:
             missing = [i for i in indices if self.records[i].lens is None]
             if missing:
                 stacked = torch.stack([self._hidden[i] for i in missing])
+                last = stacked.shape[1]
                 for i, layers in zip(missing, self._lens.top(stacked, self.top_k, self._piece)):
-                    self.records[i].lens = layers
+                    self.records[i].lens = [*layers, LensLayer(last, list(self.records[i].top))]
             return [self.records[i].lens for i in indices]
 
     # --------------------------------------------------------------- branch
