@@ -10,9 +10,11 @@ to expect before it decompresses anything.
 * ``int8``: keys quantized per channel (asymmetric, one scale and zero per
   head and channel over all tokens: keys carry per-channel outliers), values
   per token (symmetric, one scale per head and token).
-* ``int4``: the same scheme with 4-bit codes packed two per byte; the first
-  ``sinks`` and the last ``recent`` entries are stored exactly, because
-  attention concentrates on them and errors there cost the most.
+* ``int4``: the same scheme with 4-bit codes packed two per byte, key scales
+  per group of ``key_group`` tokens (a channel's range drifts along a long
+  context); the first ``sinks`` and the last ``recent`` entries are stored
+  exactly, because attention concentrates on them and errors there cost the
+  most (KIVI, Liu et al. 2024, uses the same split).
 
 Scales and zeros are float16. Payload layout and formulas: docs/FORMAT.md.
 """
@@ -35,7 +37,8 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ROLES = ("key", "value")
 DEFAULT_INT4_SINKS = 4
-DEFAULT_INT4_RECENT = 16
+DEFAULT_INT4_RECENT = 32
+DEFAULT_INT4_KEY_GROUP = 256
 _FP16_MAX = 65504.0
 
 
@@ -70,10 +73,14 @@ class QuantCodec:
     bits: int
     sinks: int = 0
     recent: int = 0
+    key_group: int = 0  # tokens sharing one key scale per channel; 0 = all quantized tokens
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"sinks": self.sinks, "recent": self.recent}
+        return {"sinks": self.sinks, "recent": self.recent, "key_group": self.key_group}
+
+    def _key_groups(self, middle: int) -> int:
+        return -(-middle // self.key_group) if self.key_group else 1
 
     def _split(self, seq: int) -> tuple[int, int, int]:
         """Entries kept exact at the start, quantized in the middle, exact at the end."""
@@ -88,7 +95,7 @@ class QuantCodec:
         if middle:
             codes = heads * middle * dim
             size += codes if self.bits == 8 else (codes + 1) // 2
-            scales = 2 * heads * dim if role == "key" else heads * middle
+            scales = 2 * heads * dim * self._key_groups(middle) if role == "key" else heads * middle
             size += _nbytes(scales, torch.float16)
         return size
 
@@ -98,8 +105,10 @@ class QuantCodec:
         if middle:
             body = x[:, head:head + middle].float()
             if role == "key":
-                codes, scale, zero = self._quantize_asym(body, dim=1)
-                extra = [scale, zero]
+                size = self.key_group or middle
+                groups = [self._quantize_asym(body[:, g:g + size], dim=1) for g in range(0, middle, size)]
+                codes = torch.cat([g[0] for g in groups], dim=1)
+                extra = [torch.cat([g[1] for g in groups], dim=1), torch.cat([g[2] for g in groups], dim=1)]
             else:
                 codes, scale = self._quantize_sym(body, dim=2)
                 extra = [scale]
@@ -127,8 +136,15 @@ class QuantCodec:
         codes = self._unpack(take(count if self.bits == 8 else (count + 1) // 2), count)
         codes = codes.reshape(heads, middle, dim)
         if role == "key":
-            scale = unshuffle(take(2 * heads * dim), torch.float16, (heads, 1, dim)).float()
-            zero = unshuffle(take(2 * heads * dim), torch.float16, (heads, 1, dim)).float()
+            groups = self._key_groups(middle)
+            size = self.key_group or middle
+
+            def per_token() -> torch.Tensor:
+                grouped = unshuffle(take(2 * heads * dim * groups), torch.float16, (heads, groups, dim))
+                return grouped.float().repeat_interleave(size, dim=1)[:, :middle]
+
+            scale = per_token()
+            zero = per_token()
             body = codes.float() * scale + zero
         else:
             scale = unshuffle(take(2 * heads * middle), torch.float16, (heads, middle, 1)).float()
@@ -186,12 +202,12 @@ def make_codec(name: str, params: dict[str, Any] | None = None) -> Codec:
         store = {"lossless": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
         return CastCodec(name, store)
     if name in ("int8", "int4"):
-        default = (0, 0) if name == "int8" else (DEFAULT_INT4_SINKS, DEFAULT_INT4_RECENT)
-        sinks = params.pop("sinks", default[0])
-        recent = params.pop("recent", default[1])
-        if params or not all(isinstance(v, int) and 0 <= v <= 1 << 22 for v in (sinks, recent)):
+        default = (0, 0, 0) if name == "int8" else (DEFAULT_INT4_SINKS, DEFAULT_INT4_RECENT, DEFAULT_INT4_KEY_GROUP)
+        values = [params.pop(key, d) for key, d in zip(("sinks", "recent", "key_group"), default)]
+        if params or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 22
+                             for v in values):
             raise SnapshotError(f"The snapshot is corrupt: bad parameters for codec {name}.")
-        return QuantCodec(name, 8 if name == "int8" else 4, sinks, recent)
+        return QuantCodec(name, 8 if name == "int8" else 4, *values)
     raise SnapshotError(
         f"Unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}."
     )

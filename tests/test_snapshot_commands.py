@@ -65,12 +65,12 @@ def reference_run(loaded, steps: int) -> TraceSession:
 
 def check_commands_resume_exactly(model: str, tmp_path: Path, before: int, after: int,
                                   prompt: str = PROMPT) -> None:
-    saved, resumed = tmp_path / "s.kvs", tmp_path / "r.kvs"
+    saved, resumed, dump = tmp_path / "s.kvs", tmp_path / "r.kvs", tmp_path / "trace.jsonl"
     result = kvtrace("save", "--prompt", prompt, "-o", saved, "--model", model, "--steps", before,
                      "--label", "demo")
     assert result.returncode == 0, result.stderr
     # no --model: the snapshot names its local model folder
-    result = kvtrace("resume", saved, "--steps", after, "-o", resumed,
+    result = kvtrace("resume", saved, "--steps", after, "-o", resumed, "--dump", dump,
                      *(["--model", model] if not Path(model).is_dir() else []))
     assert result.returncode == 0, result.stderr
 
@@ -82,6 +82,12 @@ def check_commands_resume_exactly(model: str, tmp_path: Path, before: int, after
     state = snapshot.load(resumed, expected=loaded.fingerprint)
     assert state.token_ids == reference.token_ids  # token for token over `after` steps
     assert result.stdout.strip() == reference.reply_text().strip()
+    steps = [json.loads(line) for line in dump.read_text().splitlines()]
+    steps = [line for line in steps if line["type"] == "step"]
+    assert [s["token_id"] for s in steps] == [r.token_id for r in reference.records[before:]]
+    for step, ref in zip(steps, reference.records[before:]):
+        assert step["position"] == ref.position
+        assert step["logprob"] == pytest.approx(ref.logprob, abs=1e-4)
     expected = reference.export_state()
     assert torch.allclose(pending_logits(loaded, state), pending_logits(loaded, expected), atol=1e-4)
 
@@ -119,7 +125,7 @@ def test_info_and_prune(tiny_llama_dir, tmp_path):
     assert attention.returncode == 0, attention.stderr
     assert snapshot.read_info(pruned).cache_length == 9
 
-    resumed = kvtrace("resume", pruned, "--steps", 4, "--model", tiny_llama_dir)
+    resumed = kvtrace("resume", pruned, "--steps", 4, "--model", tiny_llama_dir, "--continue", "And then?")
     assert resumed.returncode == 0, resumed.stderr
 
 

@@ -178,6 +178,10 @@ def _info(args: argparse.Namespace) -> int:
     if summary["text"] is not None:
         print("text:")
         print(summary["text"])
+    else:  # saved without per-token texts (e.g. by the app): show the chat instead
+        for message in summary["messages"]:
+            if isinstance(message, dict):
+                print(f"{message.get('role', '?')}: {message.get('content', '')}")
     return 0
 
 
