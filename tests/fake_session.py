@@ -85,7 +85,6 @@ class FakeSession:
         self.branches: list[FakeBranch] = []
         self.lens_calls = 0
         self._turn_start = 0
-        self._lock = threading.Lock()
 
     # -- the contract's properties ------------------------------------------------------------
     @property
