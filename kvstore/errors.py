@@ -7,3 +7,7 @@ class SnapshotError(Exception):
 
 class FingerprintMismatch(SnapshotError):
     """A snapshot made by another model than the one it is being loaded into."""
+
+
+class PruneError(SnapshotError):
+    """Pruning arguments that make no sense, or that this snapshot cannot satisfy."""

@@ -12,7 +12,6 @@ is reported as one line on stderr with exit code 2; tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -163,10 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tui_app.commands.trace import run_dump
 
             return run_dump(args)
-        if importlib.util.find_spec("tui_app.commands.app") is None:  # until the app lands: a rich demo
-            from tui_app.commands.trace import run_demo
-
-            return run_demo(args)
         from tui_app.commands.app import run_app
 
         return run_app(args)

@@ -1,0 +1,231 @@
+"""Snapshot benchmark: kvtrace codecs against pickle, gzip-pickle and torch.save, in one run.
+
+For 1024- and 4096-token caches of the default model (SmolLM2-135M-Instruct),
+built by prefilling real text through the tracer session, it measures bytes,
+save seconds and load seconds of every format; greedy agreement of each lossy
+codec with the lossless resume over 64 tokens; resume time to first token
+against recomputing the prefill; and the perplexity cost of pruning
+(sinks + recent against keep-last at the same budget). Every figure is printed
+next to its reference and the issue's target.
+
+    python bench/snapshot.py [--lengths 1024 4096] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import pickle
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from kvstore import pruning, snapshot  # noqa: E402
+from kvstore.state import KVState  # noqa: E402
+from kvstore_factory import real_text  # noqa: E402
+from kvstore_quality import agreement, perplexity  # noqa: E402
+from tracer import kv_adapter  # noqa: E402
+from tracer.loading import load_model  # noqa: E402
+from tracer.session import TraceSession  # noqa: E402
+
+CODECS = ["lossless", "fp16", "bf16", "int8", "int4"]
+BYTES_TARGET = {"lossless": 0.80, "fp16": 0.40, "int8": 0.25, "int4": 0.15}  # x torch.save bytes
+AGREEMENT_TARGET = 0.95
+LOSSLESS_SAVE_TARGET = 0.25  # x gzip-pickle save seconds
+TTFT_TARGET = 0.10  # x prefill time to first token, at 1024 tokens
+
+
+def fsynced(write: Callable[[object], None]) -> Callable[[Path], None]:
+    """A legacy writer that, like kvtrace, makes the file durable before returning."""
+    def save(path: Path) -> None:
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    return save
+
+
+def legacy_formats(layers: tuple) -> dict[str, tuple[Callable[[Path], None], Callable[[Path], object]]]:
+    def gzip_dump(f) -> None:
+        with gzip.GzipFile(fileobj=f, mode="wb") as z:  # gzip's default level, 9
+            pickle.dump(layers, z, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def gzip_load(path: Path) -> object:
+        with gzip.open(path, "rb") as z:
+            return pickle.load(z)  # noqa: S301 - our own file
+
+    def pickle_load(path: Path) -> object:
+        with open(path, "rb") as f:
+            return pickle.load(f)  # noqa: S301 - our own file
+
+    return {
+        "pickle": (fsynced(lambda f: pickle.dump(layers, f, protocol=pickle.HIGHEST_PROTOCOL)), pickle_load),
+        "gzip-pickle": (fsynced(gzip_dump), gzip_load),
+        "torch.save": (fsynced(lambda f: torch.save(layers, f)),
+                       lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+    }
+
+
+def best_of(repeats: int, action: Callable[[], object]) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def build_session(loaded, ids: list[int], length: int) -> tuple[TraceSession, float, str]:
+    """A session whose transcript is ``length`` tokens: real text wrapped as one user message."""
+    session = TraceSession(loaded, capture_attention=False)
+    template = loaded.tokenizer.apply_chat_template([{"role": "user", "content": ""}],
+                                                    add_generation_prompt=True, tokenize=False)
+    overhead = len(loaded.tokenizer(template)["input_ids"])
+    text = loaded.tokenizer.decode(ids[: length - overhead])
+    start = time.perf_counter()
+    session.start_turn(text)
+    return session, time.perf_counter() - start, text
+
+
+def measure_formats(state: KVState, folder: Path, repeats: int) -> dict[str, dict[str, float]]:
+    layers = tuple((k.unsqueeze(0), v.unsqueeze(0)) for k, v in zip(state.keys, state.values))
+    rows: dict[str, dict[str, float]] = {}
+    for name, (save, load) in legacy_formats(layers).items():
+        path = folder / f"{name}.bin"
+        rows[name] = {"save": best_of(repeats, lambda: save(path)), "bytes": path.stat().st_size,
+                      "load": best_of(repeats, lambda: load(path))}
+    for codec in CODECS:
+        path = folder / f"{codec}.kvs"
+        rows[codec] = {"save": best_of(repeats, lambda: snapshot.save(state, path, codec=codec)),
+                       "bytes": path.stat().st_size, "load": best_of(repeats, lambda: snapshot.load(path))}
+    return rows
+
+
+def time_to_first_token(loaded, folder: Path, text: str, repeats: int) -> dict[str, dict[str, float]]:
+    """Seconds to the first new token from a fresh session: by prefilling, or from a snapshot.
+
+    Per path, the stages of its fastest run; "step" is the decode of the first
+    token, which both paths pay.
+    """
+    def from_prefill() -> dict[str, float]:
+        start = time.perf_counter()
+        session = TraceSession(loaded, capture_attention=False)
+        session.start_turn(text)
+        middle = time.perf_counter()
+        session.step()
+        return {"prefill": middle - start, "step": time.perf_counter() - middle}
+
+    def from_snapshot(codec: str) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            start = time.perf_counter()
+            state = snapshot.load(folder / f"{codec}.kvs", expected=loaded.fingerprint)
+            loaded_at = time.perf_counter()
+            session = TraceSession(loaded, capture_attention=False)
+            session.import_state(state)
+            middle = time.perf_counter()
+            session.step()
+            return {"load": loaded_at - start, "import": middle - loaded_at, "step": time.perf_counter() - middle}
+        return run
+
+    def fastest(run: Callable[[], dict[str, float]]) -> dict[str, float]:
+        stages = min((run() for _ in range(repeats)), key=lambda r: sum(r.values()))
+        return {**stages, "total": sum(stages.values())}
+
+    return {"prefill": fastest(from_prefill), "lossless": fastest(from_snapshot("lossless")),
+            "int8": fastest(from_snapshot("int8"))}
+
+
+def pruning_quality(loaded, ids: list[int], length: int) -> list[tuple[int, float, float, float]]:
+    """(budget, full, sinks+recent, keep-last) perplexities of the 64 tokens after ``length`` of raw text."""
+    start = 3000  # a stretch of prose well inside the text
+    tokens = ids[start:start + length]
+    with torch.no_grad():
+        out = loaded.model(input_ids=torch.tensor([tokens[:-1]]), use_cache=True)
+    keys, values = kv_adapter.cache_tensors(out.past_key_values)
+    state = KVState(keys, values, list(tokens), list(range(length - 1)), loaded.fingerprint)
+    continuation = ids[start + length:start + length + 64]
+    full = perplexity(loaded, state, continuation)
+    return [(budget, full, perplexity(loaded, pruning.sinks_recent(state, 4, budget - 4), continuation),
+             perplexity(loaded, pruning.keep_last(state, budget), continuation))
+            for budget in (64, 128, 256)]
+
+
+def verdict(ok: bool) -> str:
+    return "meets" if ok else "MISSES"
+
+
+def report(length: int, rows: dict, agreements: dict, ttft: dict, prefill: float) -> None:
+    ref = rows["torch.save"]
+    gzip_save = rows["gzip-pickle"]["save"]
+    print(f"\n## {length}-token cache ({rows['pickle']['bytes'] / 2**20:.1f} MiB of fp32 K/V; "
+          f"greedy agreement over 64 tokens with the lossless resume)")
+    print(f"{'format':<12}{'bytes':>12}{'x torch.save':>14}{'save s':>9}{'x gzip save':>13}"
+          f"{'load s':>9}{'agree@64':>10}")
+    for name, row in rows.items():
+        agree = f"{agreements[name]:.3f}" if name in agreements else ""
+        print(f"{name:<12}{row['bytes']:>12}{row['bytes'] / ref['bytes']:>14.3f}{row['save']:>9.3f}"
+              f"{row['save'] / gzip_save:>13.3f}{row['load']:>9.3f}{agree:>10}")
+    print("targets:")
+    lossless = rows["lossless"]
+    print(f"  lossless bytes {lossless['bytes'] / ref['bytes']:.3f}x torch.save (target <= 0.80): "
+          f"{verdict(lossless['bytes'] / ref['bytes'] <= 0.80)}")
+    print(f"  lossless save {lossless['save'] / gzip_save:.3f}x gzip-pickle (target <= 0.25): "
+          f"{verdict(lossless['save'] / gzip_save <= LOSSLESS_SAVE_TARGET)}")
+    for codec in ("fp16", "int8", "int4"):
+        ratio = rows[codec]["bytes"] / ref["bytes"]
+        ok = ratio <= BYTES_TARGET[codec] and agreements[codec] >= AGREEMENT_TARGET
+        print(f"  {codec} bytes {ratio:.3f}x torch.save (target <= {BYTES_TARGET[codec]:.2f}), "
+              f"agreement {agreements[codec]:.3f} (target >= 0.95): {verdict(ok)}")
+    base = ttft["prefill"]
+    print(f"  time to first token: prefill {base['total']:.3f} s (prefill {base['prefill']:.3f} + "
+          f"first step {base['step']:.3f}; the first, cold build took {prefill:.3f} s)")
+    for codec in ("lossless", "int8"):
+        run = ttft[codec]
+        line = (f"  resume from {codec}: {run['total']:.3f} s = {run['total'] / base['total']:.3f}x "
+                f"(load {run['load']:.3f} + import {run['import']:.3f} + first step {run['step']:.3f}; "
+                f"without the step both paths share: {(run['load'] + run['import']) / base['prefill']:.3f}x)")
+        if length == 1024:
+            line += f" target <= 0.10: {verdict(run['total'] / base['total'] <= TTFT_TARGET)}"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    loaded = load_model(None, device="cpu")
+    ids = loaded.tokenizer(real_text())["input_ids"]
+    print(f"model {loaded.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"text of {len(ids)} tokens; timings are the best of {args.repeats}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for length in args.lengths:
+            session, prefill, text = build_session(loaded, ids, length)
+            state = session.export_state()
+            rows = measure_formats(state, folder, args.repeats)
+            lossless_run = [r.token_id for r in session.generate(64)]
+            agreements = {}
+            for codec in CODECS:
+                decoded = snapshot.load(folder / f"{codec}.kvs", expected=loaded.fingerprint)
+                agreements[codec] = agreement(loaded, decoded, lossless_run, lossless_run)
+            ttft = time_to_first_token(loaded, folder, text, args.repeats)
+            report(length, rows, agreements, ttft, prefill)
+    print("\n## pruning: perplexity of the next 64 tokens of real text after a 1024-token cache")
+    print(f"{'budget':>8}{'full cache':>12}{'sinks 4 + recent':>18}{'keep-last':>11}")
+    for budget, full, sinks, last in pruning_quality(loaded, ids, 1024):
+        print(f"{budget:>8}{full:>12.2f}{sinks:>18.2f}{last:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Helpers for the app's Pilot tests: wait for the workers, read notifications."""
+
+from __future__ import annotations
+
+import time
+
+from textual.pilot import Pilot
+
+from tui_app.app import KvtraceApp
+
+
+async def wait_until(pilot: Pilot, condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the app")
+        await pilot.pause(0.02)
+    await pilot.pause()
+
+
+async def wait_idle(pilot: Pilot, timeout: float = 30.0) -> None:
+    app = pilot.app
+    assert isinstance(app, KvtraceApp)
+    await pilot.pause()
+    await wait_until(pilot, lambda: app.session is not None and not app.generating and not app.busy, timeout)
+
+
+async def send(pilot: Pilot, text: str) -> None:
+    """Type ``text`` into the prompt box, send it, and wait for the reply to finish."""
+    pilot.app.query_one("#prompt").focus()
+    await pilot.press(*text, "enter")
+    await wait_idle(pilot)
+
+
+def notifications(app: KvtraceApp) -> list[str]:
+    return [n.message for n in app._notifications]

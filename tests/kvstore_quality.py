@@ -1,0 +1,52 @@
+"""Quality measures for resumed caches, shared by the tests and bench/snapshot.py.
+
+Both feed a fixed continuation in one forward over a cache built from a
+``KVState`` at the true positions (teacher forcing), so every variant of a
+cache (pruned, quantized) is judged on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.state import KVState
+from tracer import kv_adapter
+
+
+def continuation_logits(loaded, state: KVState, continuation: list[int]) -> torch.Tensor:
+    """Logits after the pending token and each of ``continuation[:-1]``, fed at their true positions."""
+    feed = [state.token_ids[-1], *continuation[:-1]]
+    cache = kv_adapter.cache_from_tensors(state.keys, state.values, loaded.model.config,
+                                          loaded.device, loaded.dtype)
+    start = state.next_position
+    with torch.no_grad():
+        out = loaded.model(
+            input_ids=torch.tensor([feed], device=loaded.device),
+            position_ids=torch.arange(start, start + len(feed), device=loaded.device).unsqueeze(0),
+            attention_mask=torch.ones(1, state.cache_length + len(feed), dtype=torch.long, device=loaded.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return out.logits[0].float()
+
+
+def perplexity(loaded, state: KVState, continuation: list[int]) -> float:
+    """Perplexity of ``continuation`` given the cache."""
+    logits = continuation_logits(loaded, state, continuation)
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(continuation, device=logits.device))
+    return float(torch.exp(nll))
+
+
+def greedy_choices(loaded, state: KVState, continuation: list[int]) -> list[int]:
+    """The greedy choice at every step of ``continuation`` (teacher forced)."""
+    return continuation_logits(loaded, state, continuation).argmax(dim=-1).tolist()
+
+
+def agreement(loaded, state: KVState, continuation: list[int], reference: list[int]) -> float:
+    """Share of steps whose greedy choice equals ``reference``'s, both fed ``continuation``.
+
+    With ``continuation == reference`` = the lossless greedy run, this is the
+    greedy agreement of a lossy cache with the lossless resume.
+    """
+    chosen = greedy_choices(loaded, state, continuation)
+    return sum(a == b for a, b in zip(chosen, reference)) / len(reference)

@@ -1,0 +1,57 @@
+"""What pruning and lossy codecs cost on the real SmolLM2 (slow: loads the model).
+
+The numbers these tests see are recorded in the README (bench/snapshot.py
+prints them for 1024- and 4096-token caches).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstore import pruning, snapshot
+from kvstore.state import KVState
+from kvstore_factory import real_text
+from kvstore_quality import agreement, perplexity
+from tracer import kv_adapter
+from tracer.session import TraceSession
+
+pytestmark = pytest.mark.slow
+
+
+def prefilled_state(loaded, tokens: list[int]) -> KVState:
+    """``tokens`` as a paused generation: all but the last in the cache, the last pending."""
+    with torch.no_grad():
+        out = loaded.model(input_ids=torch.tensor([tokens[:-1]]), use_cache=True)
+    keys, values = kv_adapter.cache_tensors(out.past_key_values)
+    return KVState(keys, values, list(tokens), list(range(len(tokens) - 1)), loaded.fingerprint)
+
+
+def test_sinks_plus_recent_beats_keep_last_at_the_same_budget(smollm2):
+    ids = smollm2.tokenizer(real_text())["input_ids"]
+    start, length, budget = 3000, 512, 64  # a stretch of prose, far from the text's own start
+    state = prefilled_state(smollm2, ids[start:start + length])
+    continuation = ids[start + length:start + length + 64]
+    full = perplexity(smollm2, state, continuation)
+    sinks = perplexity(smollm2, pruning.sinks_recent(state, 4, budget - 4), continuation)
+    last = perplexity(smollm2, pruning.keep_last(state, budget), continuation)
+    # measured: full 5.11, sinks 4 + recent 60: 5.68, keep-last 64: 38.8
+    assert sinks < 1.5 * full
+    assert last > 3 * sinks
+
+
+def test_lossy_codecs_agree_with_the_lossless_resume(smollm2, tmp_path):
+    ids = smollm2.tokenizer(real_text())["input_ids"]
+    session = TraceSession(smollm2, capture_attention=False)
+    session.start_turn("Summarise this text:\n" + smollm2.tokenizer.decode(ids[:300]))
+    state = session.export_state()
+    lossless = [r.token_id for r in session.generate(64)]
+    assert len(lossless) == 64
+    measured = {}
+    for codec in ("fp16", "bf16", "int8", "int4"):
+        snapshot.save(state, tmp_path / f"{codec}.kvs", codec=codec)
+        decoded = snapshot.load(tmp_path / f"{codec}.kvs", expected=smollm2.fingerprint)
+        measured[codec] = agreement(smollm2, decoded, lossless, lossless)
+    # measured at ~330 cached tokens: see the README for the figures
+    assert min(measured["fp16"], measured["bf16"], measured["int8"]) >= 0.95, measured
+    assert measured["int4"] >= 0.9, measured

@@ -1,0 +1,202 @@
+"""``kvtrace save | resume | prune | info | import`` as a user runs them: in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstore import snapshot
+from tracer import kv_adapter
+from tracer.loading import load_model
+from tracer.session import TraceSession
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "Tell me a story."
+
+
+def kvtrace(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tui_app", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def kvtrace_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The same command in this process (cheaper: no interpreter start, no re-import of torch)."""
+    from tui_app.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kvtrace: error: ")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def pending_logits(loaded, state) -> torch.Tensor:
+    cache = kv_adapter.cache_from_tensors(state.keys, state.values, loaded.model.config,
+                                          loaded.device, loaded.dtype)
+    with torch.no_grad():
+        out = loaded.model(input_ids=torch.tensor([[state.token_ids[-1]]]),
+                           position_ids=torch.tensor([[state.next_position]]),
+                           attention_mask=torch.ones(1, state.cache_length + 1, dtype=torch.long),
+                           past_key_values=cache, use_cache=True)
+    return out.logits[0, -1].float()
+
+
+def reference_run(loaded, steps: int) -> TraceSession:
+    session = TraceSession(loaded)
+    session.start_turn(PROMPT)
+    session.generate(steps)
+    assert len(session.records) == steps
+    return session
+
+
+def check_commands_resume_exactly(model: str, tmp_path: Path, before: int, after: int,
+                                  prompt: str = PROMPT) -> None:
+    saved, resumed, dump = tmp_path / "s.kvs", tmp_path / "r.kvs", tmp_path / "trace.jsonl"
+    result = kvtrace("save", "--prompt", prompt, "-o", saved, "--model", model, "--steps", before,
+                     "--label", "demo")
+    assert result.returncode == 0, result.stderr
+    # no --model: the snapshot names its local model folder
+    result = kvtrace("resume", saved, "--steps", after, "-o", resumed, "--dump", dump,
+                     *(["--model", model] if not Path(model).is_dir() else []))
+    assert result.returncode == 0, result.stderr
+
+    loaded = load_model(None if model == "default" else model, device="cpu")
+    reference = TraceSession(loaded)
+    reference.start_turn(prompt)
+    reference.generate(before + after)
+    assert len(reference.records) == before + after
+    state = snapshot.load(resumed, expected=loaded.fingerprint)
+    assert state.token_ids == reference.token_ids  # token for token over `after` steps
+    assert result.stdout.strip() == reference.reply_text().strip()
+    steps = [json.loads(line) for line in dump.read_text().splitlines()]
+    steps = [line for line in steps if line["type"] == "step"]
+    assert [s["token_id"] for s in steps] == [r.token_id for r in reference.records[before:]]
+    for step, ref in zip(steps, reference.records[before:]):
+        assert step["position"] == ref.position
+        assert step["logprob"] == pytest.approx(ref.logprob, abs=1e-4)
+    expected = reference.export_state()
+    assert torch.allclose(pending_logits(loaded, state), pending_logits(loaded, expected), atol=1e-4)
+
+
+def test_save_then_resume_equals_the_uninterrupted_run(tiny_gpt2_dir, tmp_path):
+    check_commands_resume_exactly(str(tiny_gpt2_dir), tmp_path, before=2, after=100)
+
+
+@pytest.mark.slow
+def test_save_then_resume_equals_the_uninterrupted_run_on_smollm2(tmp_path):
+    prompt = "Write a long, detailed story about a lighthouse keeper and a storm. Use at least 400 words."
+    check_commands_resume_exactly("default", tmp_path, before=4, after=100, prompt=prompt)
+
+
+def test_info_and_prune(tiny_llama_dir, tmp_path):
+    saved, pruned = tmp_path / "s.kvs", tmp_path / "p.kvs"
+    assert kvtrace("save", "--prompt", "Why is the sky blue?", "-o", saved, "--model", tiny_llama_dir,
+                   "--codec", "int8", "--steps", 3, "--label", "sky").returncode == 0
+    info = kvtrace("info", saved)
+    assert info.returncode == 0, info.stderr
+    assert "codec:    int8" in info.stdout and "sky" in info.stdout and "sky blue" in info.stdout
+    described = json.loads(kvtrace("info", saved, "--json").stdout)
+    assert described["codec"] == "int8" and described["label"] == "sky"
+    before = snapshot.read_info(saved)
+
+    result = kvtrace("prune", saved, "-o", pruned, "--sinks", 2, "--recent", 5)
+    assert result.returncode == 0, result.stderr
+    assert f"before: {before.cache_length} entries" in result.stdout and "after:  7 entries" in result.stdout
+    after = snapshot.read_info(pruned)
+    assert after.codec == "int8" and after.next_position == before.next_position
+    assert after.positions == before.positions[:2] + before.positions[-5:]
+    assert "pruned…]" in kvtrace("info", pruned).stdout
+
+    attention = kvtrace("prune", saved, "-o", pruned, "--method", "attention", "--budget", 9, "--codec", "int4")
+    assert attention.returncode == 0, attention.stderr
+    assert snapshot.read_info(pruned).cache_length == 9
+
+    resumed = kvtrace("resume", pruned, "--steps", 4, "--model", tiny_llama_dir, "--continue", "And then?")
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir, tiny_gpt2_dir, tmp_path, capsys):
+    saved = tmp_path / "s.kvs"
+    assert kvtrace("save", "--prompt", "Hello", "-o", saved, "--model", tiny_llama_dir).returncode == 0
+    (tmp_path / "cut.kvs").write_bytes(saved.read_bytes()[:-40])
+    (tmp_path / "p.kvs").write_bytes(pickle.dumps({"a": 1}))
+    out = tmp_path / "out.kvs"
+    cases = [
+        (("resume", tmp_path / "missing.kvs"), ["No snapshot"]),
+        (("resume", tmp_path / "cut.kvs", "--model", tiny_llama_dir), ["corrupt"]),
+        (("resume", saved, "--model", tiny_gpt2_dir, "-o", out), ["another model", "architecture"]),
+        (("resume", saved, "--steps", -3), ["--steps"]),
+        (("info", tmp_path / "p.kvs"), ["not a kvtrace snapshot"]),
+        (("save", "--prompt", "Hi", "-o", tmp_path / "nowhere" / "x.kvs"), ["does not exist"]),
+        (("save", "--prompt", " ", "-o", out, "--model", tiny_llama_dir), ["empty"]),
+        (("prune", saved, "-o", out, "--keep-last", 3, "--sinks", 1, "--recent", 2), ["one pruning method"]),
+        (("prune", saved, "-o", out), ["Nothing to prune"]),
+        (("prune", saved, "-o", out, "--keep-last", -1), ["zero or more"]),
+        (("import", tmp_path / "p.kvs", "-o", out), ["--allow-pickle"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(kvtrace_here(capsys, *args), *fragments)
+    assert_one_line_error(kvtrace(*cases[0][0]), *cases[0][1])  # and the same from a real process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.kvs", "p.kvs", "s.kvs"]
+
+
+def legacy_cache(loaded, tokens: list[int]) -> tuple:
+    """What old code saved: the model's past_key_values as a tuple of (K, V) per layer."""
+    with torch.no_grad():
+        out = loaded.model(input_ids=torch.tensor([tokens]), use_cache=True)
+    return tuple((layer.keys.clone(), layer.values.clone()) for layer in out.past_key_values.layers)
+
+
+def test_import_legacy_files(tiny_gpt2_dir, tmp_path):
+    loaded = load_model(str(tiny_gpt2_dir), device="cpu")
+    reference = reference_run(loaded, 12)
+    tokens = reference.token_ids[:-6]  # a transcript that was fully fed: the cache holds every token
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens))
+    torch.save(legacy_cache(loaded, tokens), tmp_path / "old.pt")
+    with open(tmp_path / "old.pkl", "wb") as f:
+        pickle.dump({"past_key_values": legacy_cache(loaded, tokens), "input_ids": tokens}, f)
+
+    result = kvtrace("import", tmp_path / "old.pt", "-o", tmp_path / "a.kvs", "--tokens",
+                     tmp_path / "tokens.json", "--model", tiny_gpt2_dir)
+    assert result.returncode == 0, result.stderr
+    result = kvtrace("import", tmp_path / "old.pkl", "-o", tmp_path / "b.kvs", "--allow-pickle",
+                     "--model", tiny_gpt2_dir)
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr and "executes" in result.stderr
+
+    for name in ("a.kvs", "b.kvs"):
+        state = snapshot.load(tmp_path / name, expected=loaded.fingerprint)
+        assert state.token_ids == tokens and state.next_position == len(tokens) - 1
+        session = TraceSession(loaded)
+        session.import_state(state)
+        session.generate(5)
+        assert session.token_ids == reference.token_ids[:-1]
+
+
+def test_import_never_runs_code_without_allow_pickle(tiny_gpt2_dir, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Evil()))
+    torch.save({"past_key_values": Evil()}, tmp_path / "evil.pt")  # a zip that weights_only refuses
+    for name in ("evil.pkl", "evil.pt"):
+        assert_one_line_error(kvtrace("import", tmp_path / name, "-o", tmp_path / "x.kvs",
+                                      "--tokens", tmp_path / "t.json", "--model", tiny_gpt2_dir))
+    assert not marker.exists() and not (tmp_path / "x.kvs").exists()

@@ -1,0 +1,32 @@
+"""How numbers and token pieces are written on screen, shared by the widgets."""
+
+from __future__ import annotations
+
+_VISIBLE = str.maketrans({"\n": "⏎", "\r": "␍", "\t": "⇥"})
+
+
+def visible_token(text: str) -> str:
+    """A token piece with line breaks and tabs made visible (and spaces, when that is all it is)."""
+    if text == "":
+        return "∅"
+    if text.isspace():
+        text = text.replace(" ", "␣")
+    return text.translate(_VISIBLE)
+
+
+def byte_count(n: int) -> str:
+    """Exact bytes with thousands separators, and a short human figure for large values."""
+    if n < 10_000:
+        return f"{n:,} B"
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= size:
+            return f"{n:,} B ({n / size:.1f} {unit})"
+    return f"{n:,} B"
+
+
+def bar(fraction: float, width: int) -> str:
+    """A horizontal bar of ``width`` cells filled to ``fraction`` (eighth-cell resolution)."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    eighths = round(fraction * width * 8)
+    full, rest = divmod(eighths, 8)
+    return ("█" * full + ("" if rest == 0 else " ▏▎▍▌▋▊▉"[rest])).ljust(width)

@@ -1,0 +1,1 @@
+"""The app's dialogs: save, load, prune and help."""

@@ -1,0 +1,55 @@
+"""The chat pane: the conversation so far and the reply streaming in, above the input box."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+ROLE_STYLE = {"user": "bold cyan", "assistant": "bold green", "system": "bold magenta"}
+
+
+def _message(role: str, content: str) -> Text:
+    return Text.assemble((f"{role}: ", ROLE_STYLE.get(role, "bold")), content)
+
+
+class ChatView(VerticalScroll):
+    """Past messages are fixed Statics; the live reply is one Static updated per token."""
+
+    DEFAULT_CSS = """
+    ChatView > Static { width: 1fr; height: auto; }
+    ChatView > .note { color: $text-muted; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.reply: Static | None = None
+        self.progress: Static | None = None
+
+    def show_progress(self, text: str) -> None:
+        """Loading progress: one line, replaced at every stage."""
+        if self.progress is None:
+            self.progress = Static(classes="note")
+            self.mount(self.progress)
+        self.progress.update(Text(text))
+
+    def show_conversation(self, messages: list[dict[str, str]], reply: str | None) -> None:
+        """Redraw from the session: its messages, then the reply being written (if any)."""
+        for child in list(self.children):
+            if child is not self.progress:
+                child.remove()
+        widgets = [Static(_message(m["role"], m["content"])) for m in messages]
+        self.reply = None
+        if reply is not None:
+            self.reply = Static(_message("assistant", reply))
+            widgets.append(self.reply)
+        if widgets:
+            self.mount(*widgets)
+        self.scroll_end(animate=False)
+
+    def update_reply(self, text: str) -> None:
+        if self.reply is None:
+            self.reply = Static()
+            self.mount(self.reply)
+        self.reply.update(_message("assistant", text))
+        self.scroll_end(animate=False)
