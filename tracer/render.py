@@ -1,4 +1,4 @@
-"""A readable rich rendering of a trace, for the terminal without the app (``kvtrace`` headless demo)."""
+"""A readable rich rendering of a trace, for terminals and logs where the app can't run (``kvtrace --print``)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ EPILOG = """\
 commands:
   kvtrace                         open the app on the embedded SmolLM2-135M-Instruct
   kvtrace --dump FILE --prompt T  trace headlessly, JSON Lines to FILE ('-' = stdout)
+  kvtrace --print [--prompt T]    trace headlessly and print a readable step table
   kvtrace save|resume|prune|info|import ...   work with KV snapshots (.kvs);
                                   'kvtrace COMMAND --help' for each
 
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--top-k", type=int, default=10, metavar="K",
                        help="candidates recorded per step and per lens layer (default 10)")
     trace.add_argument("--no-lens", action="store_true", help="skip the per-layer logit lens in the dump")
+    trace.add_argument("--print", dest="print_trace", action="store_true",
+                       help="trace headlessly and print a readable step table (for logs, pipes and terminals "
+                       "where the app can't run); without --prompt a demo prompt is used")
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_snapshot_commands(commands)
@@ -162,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tui_app.commands.trace import run_dump
 
             return run_dump(args)
+        if args.print_trace:
+            from tui_app.commands.trace import run_print
+
+            return run_print(args)
         from tui_app.commands.app import run_app
 
         return run_app(args)

@@ -1,4 +1,4 @@
-"""``kvtrace --dump``: a headless trace as JSON Lines; and the rich demo ``kvtrace`` shows until the app lands.
+"""Headless traces: ``kvtrace --dump`` writes JSON Lines, ``kvtrace --print`` a readable rich table.
 
 Never imports textual (a test checks it): scripts get a trace without a UI stack.
 """
@@ -93,8 +93,8 @@ def run_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Trace a demo prompt (or ``--prompt``) and show it with rich: the stand-in for the app."""
+def run_print(args: argparse.Namespace) -> int:
+    """``--print``: trace ``--prompt`` (or a demo prompt) and show it with rich, for where the app can't run."""
     from rich.console import Console
 
     from tracer.render import trace_view
