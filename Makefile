@@ -35,5 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/snapshot.py
 	$(BIN)/python bench/ui_latency.py
 
+screenshot: $(STAMP)
+	$(BIN)/python -m tui_app.screenshot docs/screenshot.svg
+
 clean:
 	rm -rf $(VENV) .pytest_cache
