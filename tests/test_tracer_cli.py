@@ -112,3 +112,14 @@ def test_step_line_matches_the_record_dict(tiny_llama_dir):
     session.lens(0)
     for record in session.records:
         assert json.loads(json.dumps(step_line(record))) == json.loads(json.dumps({"type": "step", **record.to_dict()}))
+
+
+def test_demo_renders_a_readable_trace(tiny_llama_dir, capsys):
+    from tui_app.cli import build_parser
+    from tui_app.commands.trace import run_demo
+
+    args = build_parser().parse_args(["--model", str(tiny_llama_dir), "--prompt", "Why is the sky blue?",
+                                      "--max-new-tokens", "4"])
+    assert run_demo(args) == 0
+    shown = capsys.readouterr().out
+    assert "Why is the sky blue?" in shown and "Step by step" in shown and "lens L1" in shown

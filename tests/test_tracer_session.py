@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from kvstore.errors import FingerprintMismatch
-from tracer.errors import PromptError
+from tracer.errors import PromptError, TracerError
 from tracer.loading import load_model
 from tracer.sampling import SamplingSettings
 from tracer.session import TraceSession
@@ -200,6 +200,8 @@ def test_branch_forces_a_token_and_keeps_the_old_line(loaded):
     assert len(session.branches) == 1 and [r.token_id for r in session.branches[0].records] == original
     # the forced record's distribution is the same step's as before
     assert record.top == session.branches[0].records[3].top
+    # attention received counts only the queries of the line now held (each row sums to 1)
+    assert sum(session.export_state().attention_scores) == pytest.approx(len(session.positions), rel=1e-4)
     # continuing after the branch equals a fresh run of the model on the edited transcript
     session.generate(4)
     prompt = session.token_ids[: session.records[0].position]
@@ -209,6 +211,7 @@ def test_branch_forces_a_token_and_keeps_the_old_line(loaded):
     assert session.token_ids == reference[0].tolist()[: len(session.token_ids)]
     session.switch_branch(0)
     assert [r.token_id for r in session.records] == original
+    assert sum(session.export_state().attention_scores) == pytest.approx(len(session.positions), rel=1e-4)
     assert session.token_ids[-len(original):] == original
 
 
@@ -219,9 +222,57 @@ def test_second_turn_extends_the_transcript(loaded):
     first = list(session.token_ids)
     first_reply = session.reply_text()
     session.start_turn("Why is the sky blue?")
+    prompt_end = len(session.token_ids)
     assert session.token_ids[: len(first)] == first
     assert [m["role"] for m in session.messages][-3:] == ["user", "assistant", "user"]
     assert session.messages[-2]["content"] == first_reply
     records = session.generate(4)
-    assert records[0].position == session._reply_start
+    assert records[0].position == prompt_end
     assert session.positions == list(range(len(session.token_ids) - 1))
+    # branching back into the first turn restores its chat
+    session.branch(1, session.records[1].top[1].token_id)
+    assert session.messages[-1]["content"] == "Hello" and len(session.records) == 2
+    assert sum(session.export_state().attention_scores) == pytest.approx(len(session.positions), rel=1e-4)
+
+
+def test_state_pruned_to_nothing_continues_at_the_true_position(loaded):
+    session = TraceSession(loaded)
+    with pytest.raises(TracerError, match="start a turn"):
+        session.export_state()
+    session.start_turn("Hello world")
+    state = session.export_state().select([])
+    resumed = TraceSession(loaded)
+    resumed.import_state(state)
+    assert resumed.export_state().cache_length == 0
+    record = resumed.step()
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([[state.token_ids[-1]]]),
+                              position_ids=torch.tensor([[state.next_position]])).logits[0, -1]
+    assert record.top[0].token_id == int(logits.argmax())
+    assert record.attention.positions == [state.next_position]
+
+
+def test_generation_stops_when_the_context_window_is_full(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    session = TraceSession(loaded)
+    words = 10
+    while len(loaded.tokenizer("story " * words)["input_ids"]) < loaded.context_limit - 40:
+        words += 5
+    session.start_turn("story " * words)
+    assert loaded.context_limit - len(session.token_ids) < 40
+    records = session.generate(60)
+    assert session.stop_reason == "context_full"
+    assert max(session.positions) == loaded.context_limit - 1  # the last position the model has
+    assert records[-1].position == loaded.context_limit and session.step() is None
+
+
+def test_a_new_seed_in_replaced_settings_takes_effect(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    runs = []
+    for _ in range(2):
+        session = TraceSession(loaded, SamplingSettings(temperature=1.0, seed=1))
+        session.start_turn("Tell me a story")
+        session.generate(2)
+        session.sampling = SamplingSettings(temperature=1.0, seed=5)
+        runs.append([r.token_id for r in session.generate(12)])
+    assert runs[0] == runs[1]

@@ -8,13 +8,18 @@ piped while the model writes. The schema is documented in the README.
 from __future__ import annotations
 
 import json
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TextIO
+
+import torch
 
 from tracer.records import Candidate, StepRecord
 from tracer.session import TraceSession
 
 SCHEMA_VERSION = 1
-LENS_BATCH = 32  # records per lens batch
+LENS_BATCH = 16  # records per lens batch: big enough for efficient products, small enough for a short tail
 
 
 def header(session: TraceSession, *, with_lens: bool) -> dict[str, Any]:
@@ -26,7 +31,7 @@ def header(session: TraceSession, *, with_lens: bool) -> dict[str, Any]:
         "model": loaded.name,
         "fingerprint": loaded.fingerprint.to_dict(),
         "device": str(loaded.device),
-        "settings": {**session.sampling.to_dict(), "top_k": session.top_k, "lens": with_lens,
+        "settings": {"sampling": session.sampling.to_dict(), "top_k": session.top_k, "lens": with_lens,
                      "attention": session.attention_available},
         "messages": session.messages,
         "prompt_tokens": [
@@ -66,14 +71,28 @@ def step_line(record: StepRecord) -> dict[str, Any]:
     }
 
 
-class TraceWriter:
-    """Streams a session's trace to ``out``; call ``header``, then ``steps`` as records come, then ``end``."""
+def spare_cores() -> bool:
+    """True when torch leaves CPU cores idle, so the lens can run beside decoding without oversubscribing."""
+    return torch.get_num_threads() < (os.cpu_count() or 1)
 
-    def __init__(self, session: TraceSession, out: TextIO, *, with_lens: bool = True):
+
+class TraceWriter:
+    """Streams a session's trace to ``out``; call ``header``, then ``step`` as records come, then ``end``.
+
+    The lens of each batch of records is computed while the model goes on
+    decoding (in one worker thread) when torch leaves a core idle; otherwise in
+    line, where its matrix products already use every core. Lines are written in
+    order either way.
+    """
+
+    def __init__(self, session: TraceSession, out: TextIO, *, with_lens: bool = True, background: bool | None = None):
         self.session = session
         self.out = out
         self.with_lens = with_lens and session.lens_supported
+        run_beside = spare_cores() if background is None else background
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvtrace-lens") if self.with_lens and run_beside else None
         self._pending: list[StepRecord] = []
+        self._batches: deque[tuple[Future | None, list[StepRecord]]] = deque()
 
     def _write(self, line: dict[str, Any]) -> None:
         self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -84,18 +103,39 @@ class TraceWriter:
     def step(self, record: StepRecord) -> None:
         self._pending.append(record)
         if len(self._pending) >= LENS_BATCH:
-            self.flush()
+            self._submit()
+        self._write_ready(wait=False)
 
-    def flush(self) -> None:
-        if self.with_lens and self._pending:
-            self.session.lens_many([r.index for r in self._pending])
-        for record in self._pending:
-            self._write(step_line(record))
-        self._pending.clear()
-        self.out.flush()
+    def _submit(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        indices = [r.index for r in batch]
+        if not self.with_lens:
+            self._batches.append((None, batch))
+        elif self._worker is not None:
+            self._batches.append((self._worker.submit(self.session.lens_many, indices), batch))
+        else:
+            self.session.lens_many(indices)
+            self._batches.append((None, batch))
+
+    def _write_ready(self, *, wait: bool) -> None:
+        while self._batches and (wait or self._batches[0][0] is None or self._batches[0][0].done()):
+            future, batch = self._batches.popleft()
+            if future is not None:
+                future.result()
+            for record in batch:
+                self._write(step_line(record))
+            self.out.flush()
 
     def end(self) -> None:
-        self.flush()
+        """Write what is left and the end line; waits for the lens still being computed."""
+        self._submit()
+        try:
+            self._write_ready(wait=True)
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
         self._write({
             "type": "end",
             "stop_reason": self.session.stop_reason,

@@ -19,10 +19,13 @@ def cache_length(cache: DynamicCache | None) -> int:
     return 0 if cache is None else cache.get_seq_length()
 
 
-def cache_tensors(cache: DynamicCache | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer K and V as ``(kv_heads, seq, head_dim)`` CPU copies."""
-    if cache is None:
-        return [], []
+def cache_tensors(
+    cache: DynamicCache, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer K and V as ``(kv_heads, seq, head_dim)`` CPU copies (empty ones before anything was fed)."""
+    if cache.get_seq_length() == 0:
+        empty = [torch.zeros(kv_heads, 0, head_dim, dtype=dtype) for _ in range(num_layers)]
+        return empty, [t.clone() for t in empty]
     keys = [layer.keys[0].detach().to("cpu", copy=True) for layer in cache.layers]
     values = [layer.values[0].detach().to("cpu", copy=True) for layer in cache.layers]
     return keys, values

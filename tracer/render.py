@@ -32,7 +32,7 @@ def step_table(session: TraceSession, records: list[StepRecord], lens_layers: li
     table.add_column("H", justify="right", style="dim")
     table.add_column("also considered", overflow="fold")
     if session.attention_available:
-        table.add_column("looked at most", overflow="fold")
+        table.add_column("looked at most (after token 0)", overflow="fold")
     for layer in lens_layers:
         table.add_column(f"lens L{layer}", style="magenta", overflow="fold")
     for record in records:
@@ -40,11 +40,11 @@ def step_table(session: TraceSession, records: list[StepRecord], lens_layers: li
         row = [str(record.index), _show(session.token_text(record.position)), f"{record.prob:.2f}",
                bar(record.prob), f"{record.entropy:.2f}", others]
         if session.attention_available and record.attention is not None:
-            weights = record.attention.mean
-            best = sorted(range(len(weights)), key=weights.__getitem__, reverse=True)[:2]
-            row.append("  ".join(
-                f"{session.token_text(record.attention.positions[i])}@{record.attention.positions[i]} {weights[i]:.2f}"
-                for i in best))
+            positions, weights = record.attention.positions, record.attention.mean
+            # the first token soaks up attention in most models (an "attention sink"): show what else mattered
+            others = [i for i in range(len(weights)) if positions[i] != 0]
+            best = sorted(others, key=weights.__getitem__, reverse=True)[:2]
+            row.append("  ".join(f"{session.token_text(positions[i])}@{positions[i]} {weights[i]:.2f}" for i in best))
         elif session.attention_available:
             row.append("")
         if lens_layers:

@@ -24,7 +24,7 @@ from kvstore.errors import FingerprintMismatch, SnapshotError
 from kvstore.state import KVState
 from tracer import capture, chat, kv_adapter
 from tracer.detokenize import IncrementalDecoder
-from tracer.errors import PromptError
+from tracer.errors import PromptError, TracerError
 from tracer.lens import LogitLens
 from tracer.loading import LoadedModel
 from tracer.records import LensLayer, StepRecord
@@ -43,6 +43,7 @@ class TurnMark:
     message_count: int
     rendered: str
     reply_start: int
+    received: torch.Tensor  # attention received per cache entry once the turn's prompt was fed
 
 
 @dataclass
@@ -86,6 +87,7 @@ class TraceSession:
         self._reply_start = 0
         self._decoder = IncrementalDecoder(self._tokenizer)
         self._generator = make_generator(self.sampling.seed)
+        self._generator_seed = self.sampling.seed
         self._lens_lock = threading.Lock()
         self._pieces: dict[int, str] = {}
         self._eos_ids = self._find_eos_ids()
@@ -147,6 +149,8 @@ class TraceSession:
         """Feed ``ids`` at original positions ``first_position..`` on top of the cache."""
         device = self.loaded.device
         count = len(ids)
+        if attention and self._config._attn_implementation != "eager":  # someone else switched the shared model
+            self._model.set_attn_implementation("eager")
         with torch.no_grad():
             output = self._model(
                 input_ids=torch.tensor([ids], device=device),
@@ -224,9 +228,17 @@ class TraceSession:
         self.token_ids = self.token_ids + new_ids
         self._prefill(feed, first_position)
         self._begin_reply()
-        self._turns.append(TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start))
+        self._mark_turn()
         if self.sampling.seed is not None:
-            self._generator = make_generator(self.sampling.seed)
+            self._reseed()
+
+    def _reseed(self) -> None:
+        self._generator = make_generator(self.sampling.seed)
+        self._generator_seed = self.sampling.seed
+
+    def _mark_turn(self) -> None:
+        mark = TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start, self._received.clone())
+        self._turns.append(mark)
 
     def _begin_reply(self) -> None:
         self._reply_start = len(self.token_ids)
@@ -238,6 +250,8 @@ class TraceSession:
         """One forward of the pending token, then sample and capture; ``None`` once stopped."""
         if self.stop_reason is not None or not self.token_ids:
             return None
+        if self.sampling.seed != self._generator_seed:  # settings replaced with another seed
+            self._reseed()
         return self._advance(forced=None)
 
     def _advance(self, forced: int | None) -> StepRecord | None:
@@ -354,21 +368,29 @@ class TraceSession:
 
     # --------------------------------------------------------------- branch
     def _crop(self, keep_tokens: int, keep_records: int) -> None:
-        """Go back to the transcript's first ``keep_tokens`` tokens (the last one pending)."""
+        """Go back to the transcript's first ``keep_tokens`` tokens (the last one pending).
+
+        ``keep_records`` must lie in a turn still held; that turn's chat, and the
+        attention received as it stood then plus what its kept steps added, come back.
+        """
         keep_entries = bisect.bisect_left(self._positions, keep_tokens - 1)
         kv_adapter.crop_cache(self._cache, keep_entries)
         del self._positions[keep_entries:]
-        self._received = self._received[:keep_entries].clone()
         del self.token_ids[keep_tokens:]
+        while len(self._turns) > 1 and self._turns[-1].first_record > keep_records:
+            self._turns.pop()
+        mark = self._turns[-1]
+        self.messages = self.messages[: mark.message_count]
+        self._rendered = mark.rendered
+        self._reply_start = mark.reply_start
+        received = torch.zeros(keep_entries, dtype=torch.float64)
+        received[: len(mark.received)] = mark.received
+        for record in self.records[mark.first_record : keep_records]:
+            if record.attention is not None:
+                received[: len(record.attention.mean)] += torch.tensor(record.attention.mean, dtype=torch.float64)
+        self._received = received
         del self.records[keep_records:]
         del self._hidden[keep_records:]
-        while self._turns and self._turns[-1].first_record > keep_records:
-            self._turns.pop()
-        if self._turns:
-            mark = self._turns[-1]
-            self.messages = self.messages[: mark.message_count]
-            self._rendered = mark.rendered
-            self._reply_start = mark.reply_start
         context = self.token_ids[max(0, self._reply_start - DECODER_CONTEXT) : self._reply_start]
         self._decoder = IncrementalDecoder(self._tokenizer, context)
         for token in self.token_ids[self._reply_start :]:
@@ -409,7 +431,13 @@ class TraceSession:
 
     # ------------------------------------------------------- export / import
     def export_state(self) -> KVState:
-        keys, values = kv_adapter.cache_tensors(self._cache)
+        """The paused generation (cache, transcript, positions, received attention, chat metadata)."""
+        if not self.token_ids:
+            raise TracerError("there is nothing to save yet: start a turn first")
+        fingerprint = self.loaded.fingerprint
+        keys, values = kv_adapter.cache_tensors(
+            self._cache, fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim, self.loaded.dtype
+        )
         return KVState(
             keys=keys,
             values=values,
@@ -442,7 +470,8 @@ class TraceSession:
             raise SnapshotError(f"the KV state is inconsistent: {error}") from error
         self._restore(state)
         self.records, self._hidden, self.branches = [], [], []
-        self._turns = [TurnMark(0, len(self.messages), self._rendered, self._reply_start)]
+        self._turns = []
+        self._mark_turn()
 
     def _restore(self, state: KVState) -> None:
         self._cache = kv_adapter.cache_from_tensors(
