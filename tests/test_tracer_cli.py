@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -85,6 +86,7 @@ def corrupt_gguf(tmp_path) -> Path:
         ("missing path", "no such model file or folder: ./no/such/model"),
         ("corrupt gguf", "cannot load model .*broken.gguf"),
         ("bad sampling", "top-p must be above 0"),
+        ("bad output", "cannot write the trace to .*/no/such/dir/t.jsonl"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(case, expected, tiny_llama_dir, not_causal_dir, corrupt_gguf, tmp_path):
@@ -92,7 +94,8 @@ def test_bad_input_is_one_error_line_and_exit_2(case, expected, tiny_llama_dir, 
              "missing path": "./no/such/model", "corrupt gguf": str(corrupt_gguf)}.get(case, str(tiny_llama_dir))
     prompt = {"empty prompt": "  ", "long prompt": "story " * 300}.get(case, "Hello")
     extra = ["--top-p", "0"] if case == "bad sampling" else []
-    result = kvtrace("--model", model, "--dump", str(tmp_path / "t.jsonl"), "--prompt", prompt, *extra)
+    target = tmp_path / "no" / "such" / "dir" / "t.jsonl" if case == "bad output" else tmp_path / "t.jsonl"
+    result = kvtrace("--model", model, "--dump", str(target), "--prompt", prompt, *extra)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("kvtrace: error: ")]
     assert len(errors) == 1, result.stderr
@@ -123,3 +126,23 @@ def test_demo_renders_a_readable_trace(tiny_llama_dir, capsys):
     assert run_demo(args) == 0
     shown = capsys.readouterr().out
     assert "Why is the sky blue?" in shown and "Step by step" in shown and "lens L1" in shown
+
+
+def test_hub_id_in_the_local_cache_loads_offline(tiny_gpt2_dir, tmp_path):
+    """A Hugging Face id resolves through the local hub cache layout, with no network."""
+    repo = tmp_path / "hub" / "models--kvtrace--tiny-gpt2"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for file in tiny_gpt2_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    result = subprocess.run(
+        [sys.executable, "-m", "tui_app", "--model", "kvtrace/tiny-gpt2", "--dump", "-", "--prompt", "Hello",
+         "--max-new-tokens", "2", "--no-lens"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    header = json.loads(result.stdout.splitlines()[0])
+    assert header["model"] == "tiny-gpt2" and header["fingerprint"]["model_id"] == "kvtrace/tiny-gpt2"

@@ -15,5 +15,9 @@ class PromptError(TracerError):
     """The prompt is empty or does not fit the model's context window."""
 
 
+class SettingsError(TracerError):
+    """A sampling or trace setting the tracer cannot use (a negative temperature, top-p of 0, ...)."""
+
+
 # Everything the command line turns into "kvtrace: error: <message>" and exit code 2.
 UserError = (TracerError, SnapshotError, FileNotFoundError, IsADirectoryError, PermissionError)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tracer.errors import TracerError
+from tracer.errors import SettingsError
 
 
 @dataclass
@@ -22,13 +22,13 @@ class SamplingSettings:
     def validate(self) -> None:
         """Refuse values the sampler cannot use, with one clear line."""
         if self.temperature < 0:
-            raise TracerError(f"temperature must be 0 (greedy) or above, not {self.temperature}")
+            raise SettingsError(f"temperature must be 0 (greedy) or above, not {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise TracerError(f"top-p must be above 0 and at most 1, not {self.top_p}")
+            raise SettingsError(f"top-p must be above 0 and at most 1, not {self.top_p}")
         if self.top_k < 0:
-            raise TracerError(f"sampling top-k must be 0 (off) or above, not {self.top_k}")
+            raise SettingsError(f"sampling top-k must be 0 (off) or above, not {self.top_k}")
         if self.max_new_tokens < 0:
-            raise TracerError(f"max new tokens must be 0 or above, not {self.max_new_tokens}")
+            raise SettingsError(f"max new tokens must be 0 or above, not {self.max_new_tokens}")
 
     @property
     def greedy(self) -> bool:

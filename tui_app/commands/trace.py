@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from tracer.errors import TracerError
+from tracer.errors import SettingsError, TracerError
 
 DEMO_PROMPT = "Why is the sky blue? Answer in two sentences."
 DEMO_TOKENS = 48
@@ -73,17 +73,17 @@ def output_stream(target: str) -> Iterator[TextIO]:
 def run_dump(args: argparse.Namespace) -> int:
     """Trace one prompt and write JSON Lines to ``args.dump``."""
     if not args.prompt:
-        raise TracerError("--dump needs the prompt to answer: add --prompt TEXT")
+        raise SettingsError("--dump needs the prompt to answer: add --prompt TEXT")
     if args.top_k < 1:
-        raise TracerError("--top-k must be at least 1")
+        raise SettingsError("--top-k must be at least 1")
     settings = sampling_from_args(args)
     from tracer.dump import TraceWriter
     from tracer.session import TraceSession
 
-    loaded = load_from_args(args)
-    session = TraceSession(loaded, settings, top_k=args.top_k)
-    session.start_turn(args.prompt, system=args.system)
-    with output_stream(args.dump) as out:
+    with output_stream(args.dump) as out:  # opened first: a bad path fails before the model loads
+        loaded = load_from_args(args)
+        session = TraceSession(loaded, settings, top_k=args.top_k)
+        session.start_turn(args.prompt, system=args.system)
         writer = TraceWriter(session, out, with_lens=not args.no_lens)
         writer.header()
         session.generate(on_step=writer.step)
