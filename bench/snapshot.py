@@ -31,8 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from kvstore import pruning, snapshot  # noqa: E402
 from kvstore.state import KVState  # noqa: E402
 from kvstore_factory import real_text  # noqa: E402
-from kvstore_quality import agreement, perplexity  # noqa: E402
-from tracer import kv_adapter  # noqa: E402
+from kvstore_quality import agreement, perplexity, prefilled_state  # noqa: E402
 from tracer.loading import load_model  # noqa: E402
 from tracer.session import TraceSession  # noqa: E402
 
@@ -146,11 +145,7 @@ def time_to_first_token(loaded, folder: Path, text: str, repeats: int) -> dict[s
 def pruning_quality(loaded, ids: list[int], length: int) -> list[tuple[int, float, float, float]]:
     """(budget, full, sinks+recent, keep-last) perplexities of the 64 tokens after ``length`` of raw text."""
     start = 3000  # a stretch of prose well inside the text
-    tokens = ids[start:start + length]
-    with torch.no_grad():
-        out = loaded.model(input_ids=torch.tensor([tokens[:-1]]), use_cache=True)
-    keys, values = kv_adapter.cache_tensors(out.past_key_values)
-    state = KVState(keys, values, list(tokens), list(range(length - 1)), loaded.fingerprint)
+    state = prefilled_state(loaded, ids[start:start + length])
     continuation = ids[start + length:start + length + 64]
     full = perplexity(loaded, state, continuation)
     return [(budget, full, perplexity(loaded, pruning.sinks_recent(state, 4, budget - 4), continuation),

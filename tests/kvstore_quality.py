@@ -13,6 +13,16 @@ from kvstore.state import KVState
 from tracer import kv_adapter
 
 
+def prefilled_state(loaded, tokens: list[int]) -> KVState:
+    """``tokens`` as a paused generation from one plain forward: all but the last cached, the last pending."""
+    with torch.no_grad():
+        out = loaded.model(input_ids=torch.tensor([tokens[:-1]], device=loaded.device), use_cache=True)
+    fp = loaded.fingerprint
+    keys, values = kv_adapter.cache_tensors(out.past_key_values, fp.num_layers, fp.num_kv_heads,
+                                            fp.head_dim, loaded.dtype)
+    return KVState(keys, values, list(tokens), list(range(len(tokens) - 1)), fp)
+
+
 def continuation_logits(loaded, state: KVState, continuation: list[int]) -> torch.Tensor:
     """Logits after the pending token and each of ``continuation[:-1]``, fed at their true positions."""
     feed = [state.token_ids[-1], *continuation[:-1]]

@@ -7,24 +7,13 @@ prints them for 1024- and 4096-token caches).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from kvstore import pruning, snapshot
-from kvstore.state import KVState
 from kvstore_factory import real_text
-from kvstore_quality import agreement, perplexity
-from tracer import kv_adapter
+from kvstore_quality import agreement, perplexity, prefilled_state
 from tracer.session import TraceSession
 
 pytestmark = pytest.mark.slow
-
-
-def prefilled_state(loaded, tokens: list[int]) -> KVState:
-    """``tokens`` as a paused generation: all but the last in the cache, the last pending."""
-    with torch.no_grad():
-        out = loaded.model(input_ids=torch.tensor([tokens[:-1]]), use_cache=True)
-    keys, values = kv_adapter.cache_tensors(out.past_key_values)
-    return KVState(keys, values, list(tokens), list(range(len(tokens) - 1)), loaded.fingerprint)
 
 
 def test_sinks_plus_recent_beats_keep_last_at_the_same_budget(smollm2):

@@ -1,8 +1,4 @@
-"""Resuming from a snapshot continues the very same generation (API level, real models).
-
-References are independent of the snapshot path: an uninterrupted session, and
-plain transformers forwards over the whole transcript without any cache.
-"""
+"""Resuming from a snapshot continues the very same generation (API level, tiny real models)."""
 
 from __future__ import annotations
 
@@ -12,12 +8,11 @@ import pytest
 import torch
 
 from kvstore import pruning, snapshot
-from tracer import kv_adapter
+from kvstore_resume_checks import check_api_resume, pending_logits, uninterrupted
 from tracer.loading import load_model
 from tracer.session import TraceSession
 
 PROMPT = "Tell me a story."
-LONG_PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm. Use at least 400 words."
 
 
 @pytest.fixture(params=["tiny_llama_dir", "tiny_gpt2_dir"])
@@ -25,62 +20,11 @@ def tiny(request):
     return load_model(str(request.getfixturevalue(request.param)), device="cpu")
 
 
-def plain_logprobs(model, token_ids: list[int]) -> torch.Tensor:
-    """log-softmax at every position of one cache-free forward over ``token_ids``."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([token_ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
-
-
-def pending_logits(loaded, state) -> torch.Tensor:
-    """Logits for the pending token, fed at its true position over the state's cache."""
-    cache = kv_adapter.cache_from_tensors(state.keys, state.values, loaded.model.config,
-                                          loaded.device, loaded.dtype)
-    with torch.no_grad():
-        out = loaded.model(input_ids=torch.tensor([[state.token_ids[-1]]]),
-                           position_ids=torch.tensor([[state.next_position]]),
-                           attention_mask=torch.ones(1, state.cache_length + 1, dtype=torch.long),
-                           past_key_values=cache, use_cache=True)
-    return out.logits[0, -1].float()
-
-
-def check_exact_resume(loaded, tmp_path, prompt: str, before: int, after: int) -> None:
-    reference = TraceSession(loaded)
-    reference.start_turn(prompt)
-    reference.generate(before + after)
-    assert len(reference.records) == before + after, reference.stop_reason
-
-    first = TraceSession(loaded)
-    first.start_turn(prompt)
-    first.generate(before)
-    path = tmp_path / "s.kvs"
-    snapshot.save(first.export_state(), path)
-    del first
-
-    state = snapshot.load(path, expected=loaded.fingerprint)
-    full = plain_logprobs(loaded.model, reference.token_ids[:-1])
-    at_resume = torch.log_softmax(pending_logits(loaded, state), dim=-1)
-    assert torch.allclose(at_resume, full[state.next_position], atol=1e-4)
-
-    resumed = TraceSession(loaded)
-    resumed.import_state(state)
-    records = resumed.generate(after)
-    assert [r.token_id for r in records] == [r.token_id for r in reference.records[before:]]
-    assert resumed.token_ids == reference.token_ids
-    for record, ref in zip(records, reference.records[before:]):
-        assert record.position == ref.position
-        assert record.logprob == pytest.approx(ref.logprob, abs=1e-4)
-        assert record.logprob == pytest.approx(full[record.position - 1, record.token_id].item(), abs=1e-4)
-
-
 def test_lossless_resume_is_exact_on_tiny_models(tiny, tmp_path):
-    # GPT-2 (absolute positions) and Llama (RoPE, grouped-query attention)
-    check_exact_resume(tiny, tmp_path, PROMPT, before=2, after=100)
-
-
-@pytest.mark.slow
-def test_lossless_resume_is_exact_on_smollm2(smollm2, tmp_path):
-    check_exact_resume(smollm2, tmp_path, LONG_PROMPT, before=6, after=100)
+    # GPT-2 (absolute positions) and Llama (RoPE, grouped-query attention); the SmolLM2
+    # version shares its reference run with the command test in test_snapshot_commands.py
+    reference = uninterrupted(tiny, PROMPT, 2 + 100)
+    check_api_resume(tiny, tmp_path, PROMPT, reference, before=2)
 
 
 def test_pruned_resume_feeds_true_positions(tiny, tmp_path):

@@ -5,27 +5,21 @@ from __future__ import annotations
 import json
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from kvstore import snapshot
-from tracer import kv_adapter
+from kvstore_resume_checks import check_api_resume, check_command_resume, kvtrace, uninterrupted
 from tracer.loading import load_model
 from tracer.session import TraceSession
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Tell me a story."
+LONG_PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm. Use at least 400 words."
 
 
-def kvtrace(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tui_app", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def kvtrace_here(capsys, *args: str) -> subprocess.CompletedProcess:
+def kvtrace_here(capsys, *args: object) -> subprocess.CompletedProcess:
     """The same command in this process (cheaper: no interpreter start, no re-import of torch)."""
     from tui_app.cli import main
 
@@ -44,62 +38,18 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in errors[0]
 
 
-def pending_logits(loaded, state) -> torch.Tensor:
-    cache = kv_adapter.cache_from_tensors(state.keys, state.values, loaded.model.config,
-                                          loaded.device, loaded.dtype)
-    with torch.no_grad():
-        out = loaded.model(input_ids=torch.tensor([[state.token_ids[-1]]]),
-                           position_ids=torch.tensor([[state.next_position]]),
-                           attention_mask=torch.ones(1, state.cache_length + 1, dtype=torch.long),
-                           past_key_values=cache, use_cache=True)
-    return out.logits[0, -1].float()
-
-
-def reference_run(loaded, steps: int) -> TraceSession:
-    session = TraceSession(loaded)
-    session.start_turn(PROMPT)
-    session.generate(steps)
-    assert len(session.records) == steps
-    return session
-
-
-def check_commands_resume_exactly(model: str, tmp_path: Path, before: int, after: int,
-                                  prompt: str = PROMPT) -> None:
-    saved, resumed, dump = tmp_path / "s.kvs", tmp_path / "r.kvs", tmp_path / "trace.jsonl"
-    result = kvtrace("save", "--prompt", prompt, "-o", saved, "--model", model, "--steps", before,
-                     "--label", "demo")
-    assert result.returncode == 0, result.stderr
-    # no --model: the snapshot names its local model folder
-    result = kvtrace("resume", saved, "--steps", after, "-o", resumed, "--dump", dump,
-                     *(["--model", model] if not Path(model).is_dir() else []))
-    assert result.returncode == 0, result.stderr
-
-    loaded = load_model(None if model == "default" else model, device="cpu")
-    reference = TraceSession(loaded)
-    reference.start_turn(prompt)
-    reference.generate(before + after)
-    assert len(reference.records) == before + after
-    state = snapshot.load(resumed, expected=loaded.fingerprint)
-    assert state.token_ids == reference.token_ids  # token for token over `after` steps
-    assert result.stdout.strip() == reference.reply_text().strip()
-    steps = [json.loads(line) for line in dump.read_text().splitlines()]
-    steps = [line for line in steps if line["type"] == "step"]
-    assert [s["token_id"] for s in steps] == [r.token_id for r in reference.records[before:]]
-    for step, ref in zip(steps, reference.records[before:]):
-        assert step["position"] == ref.position
-        assert step["logprob"] == pytest.approx(ref.logprob, abs=1e-4)
-    expected = reference.export_state()
-    assert torch.allclose(pending_logits(loaded, state), pending_logits(loaded, expected), atol=1e-4)
-
-
 def test_save_then_resume_equals_the_uninterrupted_run(tiny_gpt2_dir, tmp_path):
-    check_commands_resume_exactly(str(tiny_gpt2_dir), tmp_path, before=2, after=100)
+    loaded = load_model(str(tiny_gpt2_dir), device="cpu")
+    reference = uninterrupted(loaded, PROMPT, 2 + 100)
+    check_command_resume(loaded, str(tiny_gpt2_dir), tmp_path, PROMPT, reference, before=2)
 
 
 @pytest.mark.slow
-def test_save_then_resume_equals_the_uninterrupted_run_on_smollm2(tmp_path):
-    prompt = "Write a long, detailed story about a lighthouse keeper and a storm. Use at least 400 words."
-    check_commands_resume_exactly("default", tmp_path, before=4, after=100, prompt=prompt)
+def test_smollm2_resumes_exactly_through_the_api_and_the_commands(smollm2, tmp_path):
+    """One uninterrupted SmolLM2 run of 104 tokens is the reference for both paths."""
+    reference = uninterrupted(smollm2, LONG_PROMPT, 4 + 100)
+    check_api_resume(smollm2, tmp_path, LONG_PROMPT, reference, before=4)
+    check_command_resume(smollm2, None, tmp_path, LONG_PROMPT, reference, before=4)
 
 
 def test_info_and_prune(tiny_llama_dir, tmp_path):
@@ -163,7 +113,7 @@ def legacy_cache(loaded, tokens: list[int]) -> tuple:
 
 def test_import_legacy_files(tiny_gpt2_dir, tmp_path):
     loaded = load_model(str(tiny_gpt2_dir), device="cpu")
-    reference = reference_run(loaded, 12)
+    reference = uninterrupted(loaded, PROMPT, 12)
     tokens = reference.token_ids[:-6]  # a transcript that was fully fed: the cache holds every token
     (tmp_path / "tokens.json").write_text(json.dumps(tokens))
     torch.save(legacy_cache(loaded, tokens), tmp_path / "old.pt")

@@ -299,7 +299,8 @@ def _ranges(positions: list[int]) -> str:
 
 
 def _params(params: dict[str, Any]) -> str:
-    return f" ({', '.join(f'{k} {v}' for k, v in params.items())})" if params else ""
+    """`` (sinks 4, recent 32, ...)``; nothing when every parameter is off (zero)."""
+    return f" ({', '.join(f'{k} {v}' for k, v in params.items())})" if any(params.values()) else ""
 
 
 def _say(message: str) -> None:
