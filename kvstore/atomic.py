@@ -2,7 +2,9 @@
 
 The new content goes to a temporary file in the same folder (so the rename
 never crosses file systems), is fsynced, renamed over the target, and the
-folder is fsynced so the rename itself survives a power loss.
+folder is fsynced so the rename itself survives a power loss. The new file gets
+the permissions a plain ``open`` would give it (or keeps those of the file it
+replaces), not the owner-only mode of a temporary file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     folder = target.parent if str(target.parent) else Path(".")
     fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _mode_for(target))
         with os.fdopen(fd, "wb") as out:
             yield out
             out.flush()
@@ -34,6 +37,28 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             pass
         raise
     _fsync_folder(folder)
+
+
+def _mode_for(target: Path) -> int:
+    """The replaced file's mode, or what ``open`` gives a new file (0666 less the umask)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the platform allows (threads may be running)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder: Path) -> None:

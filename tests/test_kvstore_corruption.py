@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import struct
@@ -223,3 +224,17 @@ def test_a_save_killed_halfway_leaves_the_earlier_snapshot(tmp_path):
     loaded = snapshot.load(path)
     assert loaded.token_ids == earlier.token_ids
     assert torch.equal(loaded.keys[2], earlier.keys[2])
+
+
+def test_a_saved_snapshot_gets_ordinary_file_permissions(tmp_path):
+    """Not the owner-only mode of the temporary it was written to: what ``open`` would give, or the old file's."""
+    old_mask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.kvs"
+        snapshot.save(make_state(length=4), fresh)
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        fresh.chmod(0o600)
+        snapshot.save(make_state(length=4, seed=1), fresh)
+        assert fresh.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old_mask)

@@ -14,14 +14,18 @@ def visible_token(text: str) -> str:
     return text.translate(_VISIBLE)
 
 
-def byte_count(n: int) -> str:
-    """Exact bytes with thousands separators, and a short human figure for large values."""
-    if n < 10_000:
-        return f"{n:,} B"
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
-        if n >= size:
-            return f"{n:,} B ({n / size:.1f} {unit})"
+def short_bytes(n: int) -> str:
+    """A short human figure ("1.9 MB"), exact below 10,000 bytes: for the narrow status bar."""
+    if n >= 10_000:
+        for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+            if n >= size:
+                return f"{n / size:.1f} {unit}"
     return f"{n:,} B"
+
+
+def byte_count(n: int) -> str:
+    """Exact bytes with thousands separators, and the short human figure for large values."""
+    return f"{n:,} B" if n < 10_000 else f"{n:,} B ({short_bytes(n)})"
 
 
 def bar(fraction: float, width: int) -> str:

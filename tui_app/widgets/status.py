@@ -12,6 +12,8 @@ from rich.cells import cell_len
 from rich.text import Text
 from textual.widgets import Static
 
+from tui_app.formatting import byte_count, short_bytes
+
 SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 ACTIVITY_STYLES = {"generating": "bold green", "stopping": "bold yellow", "loading": "bold yellow",
                    "load failed": "bold red"}
@@ -51,7 +53,7 @@ class StatusBar(Static):
         speed = "–" if s.tokens_per_second is None else f"{s.tokens_per_second:.1f}"
         wide = width >= 120
         dtype = s.dtype if wide else SHORT_DTYPES.get(s.dtype, s.dtype)
-        kv = f"{s.kv_bytes:,} B" + (f" ({s.kv_bytes / (1 << 20):.1f} MB)" if wide and s.kv_bytes >= 1 << 20 else "")
+        kv = byte_count(s.kv_bytes) if wide else short_bytes(s.kv_bytes)
         figures = Text.assemble(
             (" │ ctx ", "dim"), f"{s.context_tokens}/{s.context_limit}",
             (" │ KV ", "dim"), kv,
