@@ -89,13 +89,14 @@ async def test_prune_then_continue_in_the_app(tiny):
     app = KvtraceApp(session)
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "The quick brown fox jumps over the lazy dog.")
-        tokens = session.context_tokens
+        tokens, traced = session.context_tokens, list(session.records)
         await pilot.press("p")
         app.screen.query_one("#budget").value = "8"
         app.screen.query_one("#budget").focus()
         await pilot.press("enter")
         await wait_idle(pilot)
         assert len(session.positions) == 8 and session.context_tokens == tokens
+        assert app.timeline.records == traced  # the trace of the pruned transcript stays on screen
         await pilot.press("n")
         await wait_idle(pilot)
         assert session.records[-1].position == tokens  # the true next position, not the cache length

@@ -165,6 +165,25 @@ def test_pruned_state_continues_at_the_true_position(loaded):
     assert record.attention.positions == [*pruned.positions, state.next_position]
 
 
+def test_pruning_the_sessions_own_state_keeps_its_trace(loaded):
+    """Importing a pruned copy of the same transcript only changes the cache; another one starts afresh."""
+    session = TraceSession(loaded)
+    session.start_turn("Why is the sky blue? Tell me.")
+    session.generate(4)
+    before = [r.token_id for r in session.records]
+    state = session.export_state()
+    session.import_state(state.select(list(range(2, state.cache_length))))
+    assert [r.token_id for r in session.records] == before
+    assert len(session.lens(3)) == loaded.fingerprint.num_layers
+    assert session.step().index == 4 and session.positions[0] == 2
+
+    other = TraceSession(loaded)
+    other.start_turn("Something else entirely")
+    other.generate(2)
+    session.import_state(other.export_state())
+    assert session.records == [] and session.token_ids == other.token_ids
+
+
 def test_export_import_round_trip_continues_identically(loaded):
     straight = TraceSession(loaded)
     straight.start_turn("Hello world")

@@ -458,7 +458,12 @@ class TraceSession:
         )
 
     def import_state(self, state: KVState) -> None:
-        """Continue from ``state``; refused (session unchanged) when it was made by another model."""
+        """Continue from ``state``; refused (session unchanged) when it was made by another model.
+
+        A state of the very transcript the session holds (this session's own state,
+        pruned) keeps the step records, their lens and the branches: only the cache
+        changes. Any other state starts a fresh trace, since its steps were not traced here.
+        """
         differences = self.loaded.fingerprint.differences(state.fingerprint)
         if differences:
             raise FingerprintMismatch(
@@ -468,10 +473,12 @@ class TraceSession:
             state.validate()
         except ValueError as error:
             raise SnapshotError(f"the KV state is inconsistent: {error}") from error
+        same_transcript = state.token_ids == self.token_ids
         self._restore(state)
-        self.records, self._hidden, self.branches = [], [], []
-        self._turns = []
-        self._mark_turn()
+        if not same_transcript:
+            self.records, self._hidden, self.branches = [], [], []
+            self._turns = []
+            self._mark_turn()
 
     def _restore(self, state: KVState) -> None:
         self._cache = kv_adapter.cache_from_tensors(
