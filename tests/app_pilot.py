@@ -1,9 +1,11 @@
-"""Helpers for the app's Pilot tests: wait for the workers, read notifications."""
+"""Helpers for the app's Pilot tests: wait for the workers, read notifications, save and load by key."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+from screen_text import screen_text
 from textual.pilot import Pilot
 
 from tui_app.app import KvtraceApp
@@ -34,3 +36,25 @@ async def send(pilot: Pilot, text: str) -> None:
 
 def notifications(app: KvtraceApp) -> list[str]:
     return [n.message for n in app._notifications]
+
+
+async def save_by_keys(pilot: Pilot, path: Path) -> None:
+    """ctrl+s, type the file name, Enter; the app must report the size written."""
+    app = pilot.app
+    await pilot.press("ctrl+s")
+    app.screen.query_one("#path").value = str(path)
+    await pilot.press("enter")
+    await wait_idle(pilot)
+    assert any(f"Saved {path.stat().st_size:,} B" in n for n in notifications(app))
+
+
+async def load_by_keys(pilot: Pilot, path: Path, token_count: int) -> None:
+    """ctrl+o, pick ``path`` (its header must show ``token_count`` tokens first), Enter."""
+    app = pilot.app
+    await pilot.press("ctrl+o")
+    app.screen.query_one("#path").value = str(path)
+    await pilot.pause()
+    assert f"tokens     {token_count}" in screen_text(app)
+    app.screen.query_one("#path").focus()
+    await pilot.press("enter")
+    await wait_idle(pilot)

@@ -4,7 +4,7 @@ what the tracer recorded, and a snapshot saved from the app continues exactly in
 from __future__ import annotations
 
 import pytest
-from app_pilot import notifications, send, wait_idle, wait_until
+from app_pilot import load_by_keys, save_by_keys, send, wait_idle, wait_until
 from screen_text import screen_text
 
 from tracer.loading import load_model
@@ -60,22 +60,12 @@ async def test_saved_snapshot_continues_exactly_in_a_fresh_app(tiny, tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "Hello world, hello kvtrace!")
         assert session.token_ids == reference.token_ids
-        await pilot.press("ctrl+s")
-        app.screen.query_one("#path").value = str(path)
-        await pilot.press("enter")
-        await wait_idle(pilot)
-        assert any(f"Saved {path.stat().st_size:,} B" in n for n in notifications(app))
+        await save_by_keys(pilot, path)
 
     fresh = new_session(tiny)
     app = KvtraceApp(fresh)
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.press("ctrl+o")
-        app.screen.query_one("#path").value = str(path)
-        await pilot.pause()
-        assert f"tokens     {len(reference.token_ids)}" in screen_text(app)
-        app.screen.query_one("#path").focus()
-        await pilot.press("enter")
-        await wait_idle(pilot)
+        await load_by_keys(pilot, path, len(reference.token_ids))
         assert fresh.token_ids == reference.token_ids
         app.timeline.focus()
         await pilot.press("g")

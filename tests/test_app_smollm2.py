@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from app_pilot import notifications, wait_idle, wait_until
+from app_pilot import load_by_keys, save_by_keys, wait_idle, wait_until
 from screen_text import screen_text
 
 from tracer.sampling import SamplingSettings
@@ -53,22 +53,12 @@ async def test_smollm2_reply_panes_save_and_resume(smollm2, tmp_path):
         for candidate in record.top[:5]:
             assert probs[candidate.token_id].item() == pytest.approx(candidate.prob, abs=2e-3)
 
-        await pilot.press("ctrl+s")
-        app.screen.query_one("#path").value = str(path)
-        await pilot.press("enter")
-        await wait_idle(pilot)
-        assert any(f"Saved {path.stat().st_size:,} B" in n for n in notifications(app))
+        await save_by_keys(pilot, path)
 
     fresh = TraceSession(smollm2, SamplingSettings(max_new_tokens=8))
     app = KvtraceApp(fresh)
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.press("ctrl+o")
-        app.screen.query_one("#path").value = str(path)
-        await pilot.pause()
-        assert f"tokens     {len(session.token_ids)}" in screen_text(app)
-        app.screen.query_one("#path").focus()
-        await pilot.press("enter")
-        await wait_idle(pilot)
+        await load_by_keys(pilot, path, len(session.token_ids))
         assert fresh.token_ids == session.token_ids
         app.timeline.focus()
         await pilot.press("g")
