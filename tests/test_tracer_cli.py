@@ -20,6 +20,17 @@ def kvtrace(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def test_dump_into_a_pipe_closed_early_ends_quietly(tiny_llama_dir):
+    """``kvtrace --dump - | head -1``: the reader leaves early; no traceback, the SIGPIPE exit code."""
+    process = subprocess.Popen([sys.executable, "-m", "tui_app", "--model", str(tiny_llama_dir), "--dump", "-",
+                                "--prompt", "Count", "--max-new-tokens", "200"],
+                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(process.stdout.readline())["type"] == "header"
+    process.stdout.close()
+    assert process.wait(timeout=300) == 141
+    assert "Traceback" not in process.stderr.read()
+
+
 def test_dump_writes_header_steps_and_end(tiny_llama_dir, tmp_path):
     out = tmp_path / "trace.jsonl"
     result = kvtrace("--model", str(tiny_llama_dir), "--dump", str(out), "--prompt", "Why is the sky blue?",
