@@ -5,7 +5,7 @@ built by prefilling real text through the tracer session, it measures bytes,
 save seconds and load seconds of every format; greedy agreement of each lossy
 codec with the lossless resume over 64 tokens; resume time to first token
 against recomputing the prefill; and the perplexity cost of pruning
-(sinks + recent against keep-last at the same budget). Every figure is printed
+(sinks + recent and attention heavy hitters against keep-last at the same budget). Every figure is printed
 next to its reference and the issue's target.
 
     python bench/snapshot.py [--lengths 1024 4096] [--repeats 3]
@@ -142,13 +142,15 @@ def time_to_first_token(loaded, folder: Path, text: str, repeats: int) -> dict[s
             "int8": fastest(from_snapshot("int8"))}
 
 
-def pruning_quality(loaded, ids: list[int], length: int) -> list[tuple[int, float, float, float]]:
-    """(budget, full, sinks+recent, keep-last) perplexities of the 64 tokens after ``length`` of raw text."""
+def pruning_quality(loaded, ids: list[int], length: int) -> list[tuple[int, float, float, float, float]]:
+    """(budget, full, sinks+recent, heavy hitters, keep-last) perplexities of the 64 tokens after ``length``."""
     start = 3000  # a stretch of prose well inside the text
-    state = prefilled_state(loaded, ids[start:start + length])
+    state = prefilled_state(loaded, ids[start:start + length], attention_scores=True)
     continuation = ids[start + length:start + length + 64]
     full = perplexity(loaded, state, continuation)
-    return [(budget, full, perplexity(loaded, pruning.sinks_recent(state, 4, budget - 4), continuation),
+    return [(budget, full,
+             perplexity(loaded, pruning.sinks_recent(state, 4, budget - 4), continuation),
+             perplexity(loaded, pruning.heavy_hitters(state, budget, sinks=4), continuation),
              perplexity(loaded, pruning.keep_last(state, budget), continuation))
             for budget in (64, 128, 256)]
 
@@ -217,9 +219,9 @@ def main() -> None:
             ttft = time_to_first_token(loaded, folder, text, args.repeats)
             report(length, rows, agreements, ttft, prefill)
     print("\n## pruning: perplexity of the next 64 tokens of real text after a 1024-token cache")
-    print(f"{'budget':>8}{'full cache':>12}{'sinks 4 + recent':>18}{'keep-last':>11}")
-    for budget, full, sinks, last in pruning_quality(loaded, ids, 1024):
-        print(f"{budget:>8}{full:>12.2f}{sinks:>18.2f}{last:>11.2f}")
+    print(f"{'budget':>8}{'full cache':>12}{'sinks 4 + recent':>18}{'heavy hitters':>15}{'keep-last':>11}")
+    for budget, full, sinks, heavy, last in pruning_quality(loaded, ids, 1024):
+        print(f"{budget:>8}{full:>12.2f}{sinks:>18.2f}{heavy:>15.2f}{last:>11.2f}")
 
 
 if __name__ == "__main__":

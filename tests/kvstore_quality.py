@@ -10,17 +10,30 @@ from __future__ import annotations
 import torch
 
 from kvstore.state import KVState
-from tracer import kv_adapter
+from tracer import capture, kv_adapter
 
 
-def prefilled_state(loaded, tokens: list[int]) -> KVState:
-    """``tokens`` as a paused generation from one plain forward: all but the last cached, the last pending."""
-    with torch.no_grad():
-        out = loaded.model(input_ids=torch.tensor([tokens[:-1]], device=loaded.device), use_cache=True)
+def prefilled_state(loaded, tokens: list[int], *, attention_scores: bool = False) -> KVState:
+    """``tokens`` as a paused generation from one plain forward: all but the last cached, the last pending.
+
+    With ``attention_scores`` the forward runs with eager attention and records the attention each
+    entry received, as a traced session does while prefilling (heavy-hitter pruning needs it).
+    """
+    model = loaded.model
+    implementation = model.config._attn_implementation
+    if attention_scores:
+        model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([tokens[:-1]], device=loaded.device), use_cache=True,
+                        output_attentions=attention_scores)
+    finally:
+        model.set_attn_implementation(implementation)
     fp = loaded.fingerprint
     keys, values = kv_adapter.cache_tensors(out.past_key_values, fp.num_layers, fp.num_kv_heads,
                                             fp.head_dim, loaded.dtype)
-    return KVState(keys, values, list(tokens), list(range(len(tokens) - 1)), fp)
+    received = capture.received_by_prompt(out.attentions).double().tolist() if attention_scores else None
+    return KVState(keys, values, list(tokens), list(range(len(tokens) - 1)), fp, attention_scores=received)
 
 
 def continuation_logits(loaded, state: KVState, continuation: list[int]) -> torch.Tensor:

@@ -43,6 +43,16 @@ def test_heavy_hitters_keeps_sinks_recent_and_the_most_attended():
     assert pruned.attention_scores[2:5] == [0.9, 0.7, 0.8]
 
 
+def test_heavy_hitters_rank_by_attention_per_query_that_saw_the_entry():
+    """An early entry's larger sum, gathered from more queries, does not outrank a later, denser one."""
+    state = make_state(length=40)  # next position 40
+    state.attention_scores = [0.0] * 40
+    state.attention_scores[5] = 0.7  # seen by 35 queries: 0.02 each
+    state.attention_scores[30] = 0.3  # seen by 10 queries: 0.03 each
+    pruned = pruning.heavy_hitters(state, budget=4, sinks=2, recent=1)
+    assert_selected(pruned, state, [0, 1, 30, 39])
+
+
 def test_heavy_hitters_needs_scores_and_a_budget_that_fits():
     with pytest.raises(PruneError, match="no attention scores"):
         pruning.heavy_hitters(make_state(scores=False), budget=10)

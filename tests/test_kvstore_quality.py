@@ -16,17 +16,18 @@ from tracer.session import TraceSession
 pytestmark = pytest.mark.slow
 
 
-def test_sinks_plus_recent_beats_keep_last_at_the_same_budget(smollm2):
+def test_sinks_and_heavy_hitters_beat_keep_last_at_the_same_budget(smollm2):
     ids = smollm2.tokenizer(real_text())["input_ids"]
     start, length, budget = 3000, 512, 64  # a stretch of prose, far from the text's own start
-    state = prefilled_state(smollm2, ids[start:start + length])
+    state = prefilled_state(smollm2, ids[start:start + length], attention_scores=True)
     continuation = ids[start + length:start + length + 64]
     full = perplexity(smollm2, state, continuation)
     sinks = perplexity(smollm2, pruning.sinks_recent(state, 4, budget - 4), continuation)
+    heavy = perplexity(smollm2, pruning.heavy_hitters(state, budget, sinks=4), continuation)
     last = perplexity(smollm2, pruning.keep_last(state, budget), continuation)
-    # measured: full 5.11, sinks 4 + recent 60: 5.68, keep-last 64: 38.8
-    assert sinks < 1.5 * full
-    assert last > 3 * sinks
+    # measured: full 5.11, sinks 4 + recent 60: 5.68, heavy hitters: 5.73, keep-last 64: 38.8
+    assert sinks < 1.5 * full and heavy < 1.5 * full
+    assert last > 3 * sinks and last > 3 * heavy
 
 
 def test_lossy_codecs_agree_with_the_lossless_resume(smollm2, tmp_path):
