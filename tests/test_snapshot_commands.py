@@ -150,3 +150,15 @@ def test_import_never_runs_code_without_allow_pickle(tiny_gpt2_dir, tmp_path):
         assert_one_line_error(kvtrace("import", tmp_path / name, "-o", tmp_path / "x.kvs",
                                       "--tokens", tmp_path / "t.json", "--model", tiny_gpt2_dir))
     assert not marker.exists() and not (tmp_path / "x.kvs").exists()
+
+
+def test_info_shows_the_transcript_of_a_snapshot_saved_from_a_session(tiny_llama_dir, tmp_path, capsys):
+    """The app saves ``session.export_state()`` as it is; ``info`` still shows the text, without a model."""
+    session = TraceSession(load_model(str(tiny_llama_dir)))
+    session.start_turn("Why is the sky blue?")
+    session.generate(2)
+    path = tmp_path / "app.kvs"
+    snapshot.save(session.export_state(), path)
+    described = json.loads(kvtrace_here(capsys, "info", path, "--json").stdout)
+    assert "Why is the sky blue?" in described["text"]
+    assert described["text"].endswith(f"⟨{session.token_text(session.context_tokens - 1)}⟩")  # the pending token

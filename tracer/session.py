@@ -454,6 +454,8 @@ class TraceSession:
                 "stop_reason": self.stop_reason,
                 "model": self.loaded.name,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                # so ``kvtrace info`` can show the transcript without loading a model
+                "token_texts": [self.token_text(i) for i in range(len(self.token_ids))],
             },
         )
 

@@ -39,7 +39,7 @@ def _save(args: argparse.Namespace) -> int:
     session.start_turn(args.prompt, system=args.system)
     if args.steps:
         session.generate(args.steps)
-    state = _with_texts(session.export_state(), session)
+    state = session.export_state()
     if args.label:
         state.metadata["label"] = args.label
     written = snapshot.save(state, args.output, codec=args.codec)
@@ -75,7 +75,7 @@ def _resume(args: argparse.Namespace) -> int:
     if args.dump:
         _write_dump(session, args.dump)
     if args.output:
-        resumed = _with_texts(session.export_state(), session)
+        resumed = session.export_state()
         written = snapshot.save(resumed, args.output, codec=info.codec)
         _report_saved(args.output, resumed, written, info.codec)
     return 0
@@ -207,6 +207,7 @@ def _transcript(texts: Any, positions: list[int], count: int) -> str | None:
 
 def _import(args: argparse.Namespace) -> int:
     from kvstore.legacy import read_legacy, to_state
+    from tracer.session import TraceSession
 
     _check_output(args.output)
     if args.allow_pickle:
@@ -217,11 +218,10 @@ def _import(args: argparse.Namespace) -> int:
     if token_ids is None:
         raise SnapshotError(f"{args.file} carries no token ids; pass --tokens FILE (a JSON list of ids).")
     loaded = _load_model(args)
-    state = to_state(legacy, token_ids, loaded.fingerprint)
+    session = TraceSession(loaded)
+    session.import_state(to_state(legacy, token_ids, loaded.fingerprint))  # checks it fits the model
+    state = session.export_state()
     state.metadata["label"] = f"imported from {Path(args.file).name}"
-    state.metadata["token_texts"] = [
-        loaded.tokenizer.decode([t]) for t in state.token_ids
-    ]
     written = snapshot.save(state, args.output)
     _report_saved(args.output, state, written, "lossless")
     return 0
@@ -257,12 +257,6 @@ def _new_session(loaded: Any, args: argparse.Namespace, *, max_new_tokens: int, 
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.sample_top_k,
                                 seed=args.seed, stop=tuple(args.stop), max_new_tokens=max_new_tokens)
     return TraceSession(loaded, sampling, top_k=top_k)
-
-
-def _with_texts(state: KVState, session: Any) -> KVState:
-    """Store each token's text, so ``info`` can show the transcript without loading a model."""
-    state.metadata["token_texts"] = [session.token_text(i) for i in range(len(state.token_ids))]
-    return state
 
 
 def _report_saved(path: str, state: KVState, written: int, codec: str) -> None:
