@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
 from textual.widgets import Button, DirectoryTree, Input, Label, Static
+
+from tui_app.screens.form import FormScreen
 
 
 class SnapshotTree(DirectoryTree):
@@ -27,8 +27,7 @@ class SnapshotTree(DirectoryTree):
         return [p for p in paths if not p.name.startswith(".") and (p.is_dir() or p.suffix == ".kvs")]
 
 
-class LoadScreen(ModalScreen[str | None]):
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+class LoadScreen(FormScreen[str | None]):
 
     def __init__(self, describe: Callable[[str], str], folder: str = ".") -> None:
         super().__init__()
@@ -44,9 +43,7 @@ class LoadScreen(ModalScreen[str | None]):
                 yield SnapshotTree(self.folder, id="tree")
                 with VerticalScroll(id="info-scroll"):
                     yield Static("Pick a .kvs file to see its header.", id="info")
-            with Horizontal(classes="buttons"):
-                yield Button("Load", variant="primary", id="load")
-                yield Button("Cancel", id="cancel")
+            yield self.buttons("Load")
 
     def on_mount(self) -> None:
         self.query_one("#tree", SnapshotTree).focus()
@@ -54,7 +51,7 @@ class LoadScreen(ModalScreen[str | None]):
     def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
         event.stop()
         self.query_one("#path", Input).value = str(event.path)
-        self.query_one("#load", Button).focus()
+        self.query_one("#submit", Button).focus()
 
     def on_tree_node_highlighted(self, event: DirectoryTree.NodeHighlighted) -> None:
         path = getattr(event.node.data, "path", None)
@@ -69,23 +66,9 @@ class LoadScreen(ModalScreen[str | None]):
         elif path:
             info.update(f"No file at {path}.")
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self._submit()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        event.stop()
-        if event.button.id == "load":
-            self._submit()
-        else:
-            self.dismiss(None)
-
     def _submit(self) -> None:
         path = str(Path(self.query_one("#path", Input).value.strip()).expanduser())
         if not Path(path).is_file():
             self.notify("Pick an existing .kvs file first.", severity="warning")
             return
         self.dismiss(path)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select
+from textual.widgets import Input, Label, Select
 
 from tui_app.formatting import byte_count
+from tui_app.screens.form import FormScreen
 
 METHODS = [
     ("sinks + recent: the first S and the last entries", "sinks_recent"),
@@ -41,8 +40,7 @@ class PruneRequest:
         return min(self.budget, n)
 
 
-class PruneScreen(ModalScreen[PruneRequest | None]):
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+class PruneScreen(FormScreen[PruneRequest | None]):
 
     def __init__(self, positions: list[int], nbytes: int, tokens: int) -> None:
         super().__init__()
@@ -69,9 +67,7 @@ class PruneScreen(ModalScreen[PruneRequest | None]):
                     yield Label("Span START END")
                     yield Input(placeholder="e.g. 10 40", id="span")
             yield Label("", id="preview")
-            with Horizontal(classes="buttons"):
-                yield Button("Prune", variant="primary", id="prune")
-                yield Button("Cancel", id="cancel")
+            yield self.buttons("Prune")
 
     def on_mount(self) -> None:
         self.query_one("#budget", Input).focus()
@@ -110,23 +106,9 @@ class PruneScreen(ModalScreen[PruneRequest | None]):
     def on_select_changed(self) -> None:
         self._preview()
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self._submit()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        event.stop()
-        if event.button.id == "prune":
-            self._submit()
-        else:
-            self.dismiss(None)
-
     def _submit(self) -> None:
         request = self.request()
         if request is None:
             self.notify("The prune settings are incomplete; see the line above the buttons.", severity="warning")
             return
         self.dismiss(request)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)

@@ -7,10 +7,10 @@ from datetime import datetime
 from pathlib import Path
 
 from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select
+from textual.containers import Vertical
+from textual.widgets import Input, Label, Select
+
+from tui_app.screens.form import FormScreen
 
 CODECS = [
     ("lossless: exact, zstd-compressed", "lossless"),
@@ -31,8 +31,7 @@ def default_name() -> str:
     return datetime.now().strftime("kvtrace-%Y%m%d-%H%M%S.kvs")
 
 
-class SaveScreen(ModalScreen[SaveRequest | None]):
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+class SaveScreen(FormScreen[SaveRequest | None]):
 
     def __init__(self, summary: str) -> None:
         super().__init__()
@@ -47,9 +46,7 @@ class SaveScreen(ModalScreen[SaveRequest | None]):
             yield Label("", id="exists", classes="muted")
             yield Label("Codec")
             yield Select(CODECS, value="lossless", allow_blank=False, id="codec")
-            with Horizontal(classes="buttons"):
-                yield Button("Save", variant="primary", id="save")
-                yield Button("Cancel", id="cancel")
+            yield self.buttons("Save")
 
     def on_mount(self) -> None:
         self.query_one("#path", Input).focus()
@@ -64,17 +61,3 @@ class SaveScreen(ModalScreen[SaveRequest | None]):
     def on_input_changed(self, event: Input.Changed) -> None:
         exists = Path(event.value.strip()).expanduser().is_file()
         self.query_one("#exists", Label).update("A file with this name exists: Save replaces it." if exists else "")
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self._submit()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        event.stop()
-        if event.button.id == "save":
-            self._submit()
-        else:
-            self.dismiss(None)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
