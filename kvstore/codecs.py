@@ -28,6 +28,7 @@ import torch
 
 from kvstore.compression import shuffle, unshuffle
 from kvstore.errors import SnapshotError
+from kvstore.format import CODEC_NAMES
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -190,7 +191,6 @@ class QuantCodec:
 
 
 Codec = CastCodec | QuantCodec
-CODEC_NAMES = ("lossless", "fp16", "bf16", "int8", "int4")
 
 
 def make_codec(name: str, params: dict[str, Any] | None = None) -> Codec:

@@ -21,6 +21,17 @@ MAGIC = b"\x89KVS\r\n\x1a\n"  # PNG-style: catches text-mode and truncation dama
 END_MARKER = b"KVS-END\n"
 FORMAT_VERSION = 1
 
+# The one table of codec names: what each stores, for --help, the save dialog and error messages.
+CODECS: dict[str, str] = {
+    "lossless": "exact: the tensors' own bytes, byte-shuffled, zstd (bit for bit, any dtype)",
+    "fp16": "float16, shuffled, zstd: about 2.5x smaller, tiny error",
+    "bf16": "bfloat16, shuffled, zstd: about 3x smaller, small error",
+    "int8": "8-bit codes (keys per channel, values per token): about 4x smaller",
+    "int4": "4-bit codes, sinks and recent entries exact: about 7-8x smaller, visible error",
+}
+CODEC_NAMES = tuple(CODECS)
+DEFAULT_CODEC = "lossless"
+
 PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header length
 CHECKSUM = struct.Struct("<I")  # CRC-32 (zlib.crc32)
 RECORD = struct.Struct("<QI")  # payload length, CRC-32 of the payload

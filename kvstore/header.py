@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from kvstore import format as fmt
-from kvstore.codecs import CODEC_NAMES, DTYPE_NAMES, DTYPES, Codec, make_codec
+from kvstore.format import CODEC_NAMES
+from kvstore.codecs import DTYPE_NAMES, DTYPES, Codec, make_codec
 from kvstore.errors import SnapshotError
 from kvstore.state import KVState, ModelFingerprint
 

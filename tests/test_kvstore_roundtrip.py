@@ -8,10 +8,11 @@ import torch
 from kvstore import snapshot
 from kvstore.codecs import DEFAULT_INT4_RECENT, DEFAULT_INT4_SINKS
 from kvstore.errors import FingerprintMismatch, SnapshotError
+from kvstore.format import CODEC_NAMES
 from kvstore.state import ModelFingerprint
 from kvstore_factory import FINGERPRINT, make_state
 
-CODECS = ["lossless", "fp16", "bf16", "int8", "int4"]
+CODECS = list(CODEC_NAMES)
 
 
 def bits(t: torch.Tensor) -> bytes:
