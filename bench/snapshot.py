@@ -26,16 +26,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))  # this checkout, not another install
 
 from kvstore import pruning, snapshot  # noqa: E402
 from kvstore.state import KVState  # noqa: E402
-from kvstore_factory import real_text  # noqa: E402
-from kvstore_quality import agreement, perplexity, prefilled_state  # noqa: E402
+from kvstore.format import CODEC_NAMES  # noqa: E402
 from tracer.loading import load_model  # noqa: E402
+from tracer.quality import agreement, perplexity, prefilled_state, sample_text  # noqa: E402
 from tracer.session import TraceSession  # noqa: E402
 
-CODECS = ["lossless", "fp16", "bf16", "int8", "int4"]
+CODECS = list(CODEC_NAMES)
 BYTES_TARGET = {"lossless": 0.80, "fp16": 0.40, "int8": 0.25, "int4": 0.15}  # x torch.save bytes
 AGREEMENT_TARGET = 0.95
 LOSSLESS_SAVE_TARGET = 0.25  # x gzip-pickle save seconds
@@ -202,7 +202,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     loaded = load_model(None, device="cpu")
-    ids = loaded.tokenizer(real_text())["input_ids"]
+    ids = loaded.tokenizer(sample_text())["input_ids"]
     print(f"model {loaded.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"text of {len(ids)} tokens; timings are the best of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,20 +45,3 @@ def make_state(length: int = 40, dtype: torch.dtype = torch.float32, *, seed: in
         metadata={"messages": [{"role": "user", "content": "héllo"}],
                   "sampling": {"temperature": 0.0, "stop": ["</s>"]}, "label": "t", "created": 1.5},
     )
-
-
-def real_text() -> str:
-    """Long real English text that every Python install carries: CPython's license and history
-    (where the install keeps it), then the rendered documentation of a few stdlib modules."""
-    import argparse
-    import json
-    import pydoc
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    license_file = Path(sys.base_prefix) / "lib" / version / "LICENSE.txt"
-    parts = [license_file.read_text(encoding="utf-8")] if license_file.is_file() else []
-    parts += [pydoc.render_doc(m, renderer=pydoc.plaintext) for m in (argparse, subprocess, json)]
-    return "\n".join(parts)

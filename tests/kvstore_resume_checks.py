@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kvstore import snapshot
-from tracer import kv_adapter
+from tracer.quality import continuation_logits
 from tracer.session import TraceSession
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,14 +44,7 @@ def plain_logprobs(model, token_ids: list[int]) -> torch.Tensor:
 
 def pending_logits(loaded, state) -> torch.Tensor:
     """Logits for the pending token, fed at its true position over the state's cache."""
-    cache = kv_adapter.cache_from_tensors(state.keys, state.values, loaded.model.config,
-                                          loaded.device, loaded.dtype)
-    with torch.no_grad():
-        out = loaded.model(input_ids=torch.tensor([[state.token_ids[-1]]]),
-                           position_ids=torch.tensor([[state.next_position]]),
-                           attention_mask=torch.ones(1, state.cache_length + 1, dtype=torch.long),
-                           past_key_values=cache, use_cache=True)
-    return out.logits[0, -1].float()
+    return continuation_logits(loaded, state, [0])[-1]
 
 
 def check_api_resume(loaded, tmp_path: Path, prompt: str, reference: TraceSession, before: int) -> None:

@@ -9,15 +9,14 @@ from __future__ import annotations
 import pytest
 
 from kvstore import pruning, snapshot
-from kvstore_factory import real_text
-from kvstore_quality import agreement, perplexity, prefilled_state
+from tracer.quality import agreement, perplexity, prefilled_state, sample_text
 from tracer.session import TraceSession
 
 pytestmark = pytest.mark.slow
 
 
 def test_sinks_and_heavy_hitters_beat_keep_last_at_the_same_budget(smollm2):
-    ids = smollm2.tokenizer(real_text())["input_ids"]
+    ids = smollm2.tokenizer(sample_text())["input_ids"]
     start, length, budget = 3000, 512, 64  # a stretch of prose, far from the text's own start
     state = prefilled_state(smollm2, ids[start:start + length], attention_scores=True)
     continuation = ids[start + length:start + length + 64]
@@ -31,7 +30,7 @@ def test_sinks_and_heavy_hitters_beat_keep_last_at_the_same_budget(smollm2):
 
 
 def test_lossy_codecs_agree_with_the_lossless_resume(smollm2, tmp_path):
-    ids = smollm2.tokenizer(real_text())["input_ids"]
+    ids = smollm2.tokenizer(sample_text())["input_ids"]
     session = TraceSession(smollm2, capture_attention=False)
     session.start_turn("Summarise this text:\n" + smollm2.tokenizer.decode(ids[:300]))
     state = session.export_state()

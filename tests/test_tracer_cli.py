@@ -134,7 +134,8 @@ def test_print_renders_a_readable_trace(tiny_llama_dir, capsys):
     assert main(["--print", "--model", str(tiny_llama_dir), "--prompt", "Why is the sky blue?",
                  "--max-new-tokens", "4"]) == 0
     shown = capsys.readouterr().out
-    assert "Why is the sky blue?" in shown and "Step by step" in shown and "lens L1" in shown
+    assert "Why is the sky blue?" in shown and "Step by step" in shown and " L1 " in shown
+    assert all(len(line) <= 80 for line in shown.splitlines())  # laid out for the width it gets
 
 
 def test_hub_id_in_the_local_cache_loads_offline(tiny_gpt2_dir, tmp_path):

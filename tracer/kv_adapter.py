@@ -15,10 +15,6 @@ def empty_cache(config: PretrainedConfig) -> DynamicCache:
     return DynamicCache(config=config)
 
 
-def cache_length(cache: DynamicCache | None) -> int:
-    return 0 if cache is None else cache.get_seq_length()
-
-
 def cache_tensors(
     cache: DynamicCache, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

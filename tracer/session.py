@@ -1,18 +1,17 @@
-"""The step-wise generation session: our own decode loop over the KV cache, with capture at every token.
+"""The step-wise generation session: chat turns, step records, the lens and branches over a forward engine.
 
 The session follows the pending-token invariant of ``kvstore.state``: the last
 transcript token is chosen but not yet in the cache. Prefill feeds all prompt
 tokens but the last; every step feeds the one pending token (query length 1,
 so attention rows and hidden states are cheap), samples the next one and makes
-it pending. Every forward gets the *original* positions of what it feeds, so
-after pruning (gaps in ``positions``) generation continues at the true next
-position, for rotary and absolute-position models alike.
+it pending. The model, the cache and the original positions live in
+``tracer.engine.Engine``; this module adds what a person traces: turns,
+records, sampling and stop rules, the lens cache, branches, export/import.
 """
 
 from __future__ import annotations
 
 import bisect
-import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,15 +21,15 @@ import torch
 
 from kvstore.errors import FingerprintMismatch, SnapshotError
 from kvstore.state import KVState
-from tracer import capture, chat, kv_adapter
+from tracer import capture, chat
 from tracer.detokenize import IncrementalDecoder
+from tracer.engine import Engine
 from tracer.errors import PromptError, TracerError
 from tracer.lens import LogitLens
 from tracer.loading import LoadedModel
 from tracer.records import LensLayer, StepRecord
 from tracer.sampling import SamplingSettings, choose_token, make_generator
-
-PREFILL_ATTENTION_BYTES = 64 << 20  # attention weights one prefill chunk may hold while capturing
+from tracer.token_text import stored_piece
 DECODER_CONTEXT = 4  # tokens before a reply that seed its incremental decoder
 CONTINUABLE = ("max_tokens", "cancelled")  # stop reasons after which ``generate`` goes on
 
@@ -77,10 +76,7 @@ class TraceSession:
         self.branches: list[Branch] = []
         self._model = loaded.model
         self._tokenizer = loaded.tokenizer
-        self._config = loaded.model.config
-        self._cache = kv_adapter.empty_cache(self._config)
-        self._positions: list[int] = []  # original position of every cache entry
-        self._received = torch.zeros(0, dtype=torch.float64)  # attention received per cache entry
+        self.engine = Engine(loaded, capture_attention=capture_attention, notice=self._notice)
         self._hidden: list[torch.Tensor] = []  # per record: (layers - 1, hidden) at the fed position
         self._turns: list[TurnMark] = []
         self._rendered = ""
@@ -91,10 +87,6 @@ class TraceSession:
         self._lens_lock = threading.Lock()
         self._pieces: dict[int, str] = {}
         self._eos_ids = self._find_eos_ids()
-        self._forward_kwargs = (
-            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._model.forward).parameters else {}
-        )
-        self.attention_available = capture_attention and self._switch_to_eager()
         self._lens = LogitLens.for_model(self._model)
         if self._lens is None:
             self._notice(f"{loaded.name}: no final norm and output head found, so the logit lens is skipped")
@@ -103,19 +95,6 @@ class TraceSession:
     def _notice(self, text: str) -> None:
         if text not in self.notices:
             self.notices.append(text)
-
-    def _switch_to_eager(self) -> bool:
-        """Attention weights need the eager implementation (sdpa silently returns none)."""
-        if self._config._attn_implementation == "eager":
-            return True
-        try:
-            self._model.set_attn_implementation("eager")
-        except Exception:  # models without an eager path: trace without attention
-            pass
-        if self._config._attn_implementation != "eager":
-            self._notice(f"{self.loaded.name} cannot return attention weights; tracing without attention")
-            return False
-        return True
 
     def _find_eos_ids(self) -> set[int]:
         configured = getattr(self._model.generation_config, "eos_token_id", None)
@@ -132,7 +111,11 @@ class TraceSession:
 
     @property
     def kv_bytes(self) -> int:
-        return kv_adapter.cache_nbytes(self._cache)
+        return self.engine.kv_bytes
+
+    @property
+    def attention_available(self) -> bool:
+        return self.engine.attention_available
 
     @property
     def lens_supported(self) -> bool:
@@ -142,57 +125,7 @@ class TraceSession:
     @property
     def positions(self) -> list[int]:
         """Original position of every cache entry (a copy)."""
-        return list(self._positions)
-
-    # -------------------------------------------------------------- forward
-    def _forward(self, ids: list[int], first_position: int, *, attention: bool, hidden: bool):
-        """Feed ``ids`` at original positions ``first_position..`` on top of the cache."""
-        device = self.loaded.device
-        count = len(ids)
-        if attention and self._config._attn_implementation != "eager":  # someone else switched the shared model
-            self._model.set_attn_implementation("eager")
-        with torch.no_grad():
-            output = self._model(
-                input_ids=torch.tensor([ids], device=device),
-                position_ids=torch.arange(first_position, first_position + count, device=device).unsqueeze(0),
-                attention_mask=torch.ones(1, len(self._positions) + count, dtype=torch.long, device=device),
-                past_key_values=self._cache,
-                use_cache=True,
-                output_attentions=attention,
-                output_hidden_states=hidden,
-                **self._forward_kwargs,
-            )
-        self._cache = output.past_key_values
-        self._positions.extend(range(first_position, first_position + count))
-        self._received = torch.cat([self._received, torch.zeros(count, dtype=torch.float64)])
-        return output
-
-    def _prefill(self, ids: list[int], first_position: int) -> None:
-        """Feed a prompt chunk; with attention on, in chunks small enough to keep their weights."""
-        if not ids:
-            return
-        if not self.attention_available:
-            self._forward(ids, first_position, attention=False, hidden=False)
-            return
-        config = self._config.get_text_config(decoder=True)
-        per_query = config.num_hidden_layers * config.num_attention_heads * (len(self._positions) + len(ids)) * 4
-        chunk = max(16, PREFILL_ATTENTION_BYTES // per_query)
-        for start in range(0, len(ids), chunk):
-            part = ids[start : start + chunk]
-            output = self._forward(part, first_position + start, attention=True, hidden=False)
-            if not self._attentions_ok(output):
-                self._forward(ids[start + chunk :], first_position + start + chunk, attention=False, hidden=False)
-                return
-            received = capture.received_by_prompt(output.attentions)
-            self._received[: received.numel()] += received.double()
-
-    def _attentions_ok(self, output) -> bool:
-        attentions = getattr(output, "attentions", None)
-        if attentions and all(a is not None for a in attentions):
-            return True
-        self.attention_available = False
-        self._notice(f"{self.loaded.name} returned no attention weights; tracing without attention")
-        return False
+        return list(self.engine.positions)
 
     # ---------------------------------------------------------------- turns
     def start_turn(self, user_text: str, system: str | None = None) -> None:
@@ -226,7 +159,7 @@ class TraceSession:
         self.messages = messages
         self._rendered = rendered
         self.token_ids = self.token_ids + new_ids
-        self._prefill(feed, first_position)
+        self.engine.prefill(feed, first_position)
         self._begin_reply()
         self._mark_turn()
         if self.sampling.seed is not None:
@@ -237,7 +170,8 @@ class TraceSession:
         self._generator_seed = self.sampling.seed
 
     def _mark_turn(self) -> None:
-        mark = TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start, self._received.clone())
+        mark = TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start,
+                        self.engine.received.clone())
         self._turns.append(mark)
 
     def _begin_reply(self) -> None:
@@ -259,17 +193,10 @@ class TraceSession:
         if position >= self.loaded.context_limit:
             self.stop_reason = "context_full"
             return None
-        output = self._forward([self.token_ids[-1]], position, attention=self.attention_available, hidden=True)
-        logits = output.logits[0, -1].float()
-        token = forced if forced is not None else choose_token(logits, self.sampling, self._generator)
-        prob, logprob, entropy, top = capture.distribution(logits, token, self.top_k, self._piece)
-        attention = None
-        if self.attention_available and self._attentions_ok(output):
-            rows = capture.layer_rows(output.attentions)
-            attention = capture.evidence(rows, self._positions)
-            self._received += rows.mean(dim=0).double()
-        # intermediate layers only: the last layer's lens is the step's own distribution
-        hidden = torch.stack([h[0, -1] for h in output.hidden_states[1:-1]]).detach()
+        step = self.engine.decode(self.token_ids[-1], position)
+        token = forced if forced is not None else choose_token(step.logits, self.sampling, self._generator)
+        prob, logprob, entropy, top = capture.distribution(step.logits, token, self.top_k, self._piece)
+        attention = None if step.attention is None else capture.evidence(step.attention, self.engine.positions)
         self.token_ids.append(token)
         record = StepRecord(
             index=len(self.records),
@@ -284,7 +211,7 @@ class TraceSession:
             forced=forced is not None,
         )
         self.records.append(record)
-        self._hidden.append(hidden)
+        self._hidden.append(step.hidden)
         self._check_stop(token, record.text)
         return record
 
@@ -332,7 +259,8 @@ class TraceSession:
         """A token's text on its own, memoized: top-k lists and the lens ask for the same ids over and over."""
         text = self._pieces.get(token_id)
         if text is None:
-            text = self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            decoded = self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text = stored_piece(decoded, self._tokenizer.convert_ids_to_tokens(token_id))
             self._pieces[token_id] = text
         return text
 
@@ -341,12 +269,12 @@ class TraceSession:
         return self._tokenizer.decode(self.token_ids[self._reply_start :], skip_special_tokens=True)
 
     def token_text(self, position: int) -> str:
-        """The transcript token at ``position`` as one printable line (newlines and tabs shown escaped)."""
-        token_id = self.token_ids[position]
-        text = self._piece(token_id)
-        if "\ufffd" in text:  # a lone byte of a multi-byte character
-            text = self._tokenizer.convert_ids_to_tokens(token_id)
-        return text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+        """The transcript token at ``position``, as stored (``tracer.token_text``; show it with ``visible``)."""
+        return self._piece(self.token_ids[position])
+
+    def token_texts(self) -> list[str]:
+        """Every transcript token's text, in order."""
+        return [self._piece(token_id) for token_id in self.token_ids]
 
     # ----------------------------------------------------------------- lens
     def lens(self, index: int) -> list[LensLayer]:
@@ -373,9 +301,7 @@ class TraceSession:
         ``keep_records`` must lie in a turn still held; that turn's chat, and the
         attention received as it stood then plus what its kept steps added, come back.
         """
-        keep_entries = bisect.bisect_left(self._positions, keep_tokens - 1)
-        kv_adapter.crop_cache(self._cache, keep_entries)
-        del self._positions[keep_entries:]
+        keep_entries = bisect.bisect_left(self.engine.positions, keep_tokens - 1)
         del self.token_ids[keep_tokens:]
         while len(self._turns) > 1 and self._turns[-1].first_record > keep_records:
             self._turns.pop()
@@ -388,7 +314,7 @@ class TraceSession:
         for record in self.records[mark.first_record : keep_records]:
             if record.attention is not None:
                 received[: len(record.attention.mean)] += torch.tensor(record.attention.mean, dtype=torch.float64)
-        self._received = received
+        self.engine.crop(keep_entries, received)
         del self.records[keep_records:]
         del self._hidden[keep_records:]
         context = self.token_ids[max(0, self._reply_start - DECODER_CONTEXT) : self._reply_start]
@@ -434,28 +360,27 @@ class TraceSession:
         """The paused generation (cache, transcript, positions, received attention, chat metadata)."""
         if not self.token_ids:
             raise TracerError("there is nothing to save yet: start a turn first")
-        fingerprint = self.loaded.fingerprint
-        keys, values = kv_adapter.cache_tensors(
-            self._cache, fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim, self.loaded.dtype
-        )
+        keys, values = self.engine.tensors()
         return KVState(
             keys=keys,
             values=values,
             token_ids=list(self.token_ids),
-            positions=list(self._positions),
+            positions=list(self.engine.positions),
             fingerprint=self.loaded.fingerprint,
-            attention_scores=self._received.tolist() if self.attention_available else None,
+            attention_scores=self.engine.received.tolist() if self.attention_available else None,
             metadata={
                 "messages": [dict(m) for m in self.messages],
                 "reply": self.reply_text(),
                 "reply_start": self._reply_start,
                 "rendered": self._rendered,
                 "sampling": self.sampling.to_dict(),
+                # where the seeded sampler stands, so a resumed run draws what the uninterrupted one would
+                "sampler_state": self._generator.get_state().numpy().tobytes(),
                 "stop_reason": self.stop_reason,
                 "model": self.loaded.name,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 # so ``kvtrace info`` can show the transcript without loading a model
-                "token_texts": [self.token_text(i) for i in range(len(self.token_ids))],
+                "token_texts": self.token_texts(),
             },
         )
 
@@ -483,16 +408,23 @@ class TraceSession:
             self._mark_turn()
 
     def _restore(self, state: KVState) -> None:
-        self._cache = kv_adapter.cache_from_tensors(
-            state.keys, state.values, self._config, self.loaded.device, self.loaded.dtype
-        )
+        self.engine.restore(state)
         self.token_ids = list(state.token_ids)
-        self._positions = list(state.positions)
-        scores = state.attention_scores or [0.0] * len(state.positions)
-        self._received = torch.tensor(scores, dtype=torch.float64)
         meta = state.metadata
         self.messages = [dict(m) for m in meta.get("messages", [])]
         self._rendered = meta.get("rendered") or ""
         self._reply_start = min(int(meta.get("reply_start", len(self.token_ids))), len(self.token_ids))
         self._decoder = IncrementalDecoder(self._tokenizer, self.token_ids[-DECODER_CONTEXT:])
         self.stop_reason = None
+        self._restore_sampler(meta)
+
+    def _restore_sampler(self, meta: dict) -> None:
+        """Put the seeded sampler where the saved run left it, when this session samples with that seed."""
+        saved = meta.get("sampling")
+        state = meta.get("sampler_state")
+        if self.sampling.seed is None or not isinstance(saved, dict) or saved.get("seed") != self.sampling.seed:
+            return
+        if not isinstance(state, bytes) or len(state) != self._generator.get_state().numel():
+            return
+        self._generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        self._generator_seed = self.sampling.seed

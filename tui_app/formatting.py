@@ -1,17 +1,6 @@
-"""How numbers and token pieces are written on screen, shared by the widgets."""
+"""How numbers are written on screen, shared by the widgets (token text: ``tracer.token_text.visible``)."""
 
 from __future__ import annotations
-
-_VISIBLE = str.maketrans({"\n": "⏎", "\r": "␍", "\t": "⇥"})
-
-
-def visible_token(text: str) -> str:
-    """A token piece with line breaks and tabs made visible (and spaces, when that is all it is)."""
-    if text == "":
-        return "∅"
-    if text.isspace():
-        text = text.replace(" ", "␣")
-    return text.translate(_VISIBLE)
 
 
 def short_bytes(n: int) -> str:

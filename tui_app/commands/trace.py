@@ -111,5 +111,5 @@ def run_print(args: argparse.Namespace) -> int:
     session.start_turn(prompt, system=args.system)
     with console.status("Generating…") as status:
         session.generate(on_step=lambda r: status.update(f"Generating… {r.index + 1} tokens: {session.reply_text()[-60:]!r}"))
-    console.print(trace_view(session, prompt))
+    console.print(trace_view(session, prompt, console.width))
     return 0

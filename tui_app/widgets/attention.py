@@ -13,7 +13,8 @@ from rich.text import Text
 from textual.widgets import Static
 
 from tracer.records import StepRecord
-from tui_app.formatting import bar, visible_token
+from tracer.token_text import visible
+from tui_app.formatting import bar
 
 
 def strongest(record: StepRecord, layer: int | None, limit: int) -> list[tuple[int, float]]:
@@ -90,7 +91,7 @@ class AttentionPane(Static):
         table.add_column(ratio=3, no_wrap=True)
         table.add_column(justify="right", no_wrap=True)
         for position, weight in pairs:
-            text = visible_token(self.token_text(position))
+            text = visible(self.token_text(position))
             table.add_row(Text(f"@{position}", style="dim"), Text(text), Text(bar(weight / top if top else 0, 12),
                           style="magenta"), Text(f"{weight:.3f}"))
         self.update(table)

@@ -14,7 +14,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from tracer.records import LensLayer, StepRecord
-from tui_app.formatting import visible_token
+from tracer.token_text import visible
 
 
 def settling_layer(layers: list[LensLayer], token_id: int) -> int | None:
@@ -76,8 +76,8 @@ class LensPane(VerticalScroll, inherit_bindings=False):
             mark = "◆" if layer.layer == settle else " "
             chosen = best.token_id == record.token_id
             style = "bold green" if chosen else ""
-            rest = "  ".join(f"{visible_token(c.text)} {c.prob:.2f}" for c in layer.top[1:4])
+            rest = "  ".join(f"{visible(c.text)} {c.prob:.2f}" for c in layer.top[1:4])
             table.add_row(Text(f"{mark}{layer.layer}", style="bold" if mark != " " else "dim"),
-                          Text(visible_token(best.text), style=style), Text(f"{best.prob:.3f}", style=style),
+                          Text(visible(best.text), style=style), Text(f"{best.prob:.3f}", style=style),
                           Text(rest, style="dim"))
         self.body.update(table)

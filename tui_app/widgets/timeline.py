@@ -18,7 +18,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from tracer.records import StepRecord
-from tui_app.formatting import visible_token
+from tracer.token_text import visible
 
 # Probability buckets, most confident first: (lower bound, style). Plain named colours so the
 # tint stays readable when the terminal has 256 colours or only the 16 of the ANSI theme.
@@ -130,7 +130,7 @@ class TokenTimeline(ScrollView, can_focus=True):
         self.refresh()
 
     def _place(self, index: int) -> None:
-        text = visible_token(self.records[index].text)
+        text = visible(self.records[index].text)
         width = self._layout_width or self._content_width()
         text_width = cell_len(text)
         if text_width > width - 1:

@@ -11,7 +11,8 @@ from rich.text import Text
 from textual.widgets import Static
 
 from tracer.records import StepRecord
-from tui_app.formatting import bar, visible_token
+from tracer.token_text import visible
+from tui_app.formatting import bar
 
 
 class TopKPane(Static):
@@ -60,9 +61,9 @@ class TopKPane(Static):
             chosen = cand.token_id == record.token_id
             mark = ("▶" if i == self.cursor else " ") + ("●" if chosen else " ")
             style = "bold" if chosen else ""
-            table.add_row(Text(mark, style="bold"), Text(visible_token(cand.text), style=style),
+            table.add_row(Text(mark, style="bold"), Text(visible(cand.text), style=style),
                           Text(f"{cand.prob:.3f}", style=style), Text(bar(cand.prob, 12), style="green" if chosen else "blue"))
         if not any(c.token_id == record.token_id for c in record.top):
-            table.add_row(Text(" ●", style="bold"), Text(visible_token(record.text), style="bold"),
+            table.add_row(Text(" ●", style="bold"), Text(visible(record.text), style="bold"),
                           Text(f"{record.prob:.3f}", style="bold"), Text(bar(record.prob, 12), style="green"))
         self.update(table)
