@@ -56,7 +56,7 @@ def test_heavy_hitters_rank_by_attention_per_query_that_saw_the_entry():
 def test_heavy_hitters_needs_scores_and_a_budget_that_fits():
     with pytest.raises(PruneError, match="no attention scores"):
         pruning.heavy_hitters(make_state(scores=False), budget=10)
-    with pytest.raises(PruneError, match="smaller than sinks"):
+    with pytest.raises(PruneError, match="smaller than the sinks"):
         pruning.heavy_hitters(make_state(), budget=5, sinks=4, recent=4)
 
 
@@ -81,3 +81,21 @@ def test_pruned_positions_survive_a_snapshot(tmp_path):
     loaded = snapshot.load(tmp_path / "p.kvs")
     assert loaded.positions == list(range(5)) + list(range(30, 40))
     assert loaded.next_position == 40
+
+
+def test_a_spec_is_checked_when_built_and_names_what_is_wrong():
+    with pytest.raises(PruneError, match="budget 2 is smaller than the sinks"):
+        pruning.PruneSpec("sinks_recent", budget=2, sinks=4)
+    with pytest.raises(PruneError, match="unknown pruning method 'nope'"):
+        pruning.PruneSpec("nope", budget=8)
+    with pytest.raises(PruneError, match="nothing to prune"):
+        pruning.PruneSpec(None)
+    with pytest.raises(PruneError, match="not a range"):
+        pruning.PruneSpec(None, span=(9, 3))
+
+
+def test_a_span_is_dropped_before_the_method_counts_its_budget():
+    state = make_state(length=40)
+    spec = pruning.PruneSpec("keep_last", budget=10, span=(30, 35))
+    assert_selected(spec.apply(state), state, list(range(25, 30)) + list(range(35, 40)))
+    assert spec.select(state.positions, state.next_position) == list(range(25, 30)) + list(range(35, 40))
