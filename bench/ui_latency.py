@@ -89,7 +89,7 @@ async def run(args: argparse.Namespace) -> int:
         await pilot.press("home")
         idle = await sample(watch, args.presses)
 
-        session.sampling.max_new_tokens = 100_000
+        session.sampling = replace(session.sampling, max_new_tokens=100_000)
         await pilot.press("g")
         while len(app.timeline.records) < 16:
             await asyncio.sleep(0.05)

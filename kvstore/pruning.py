@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvstore.errors import PruneError
-from kvstore.state import KVState
+
+if TYPE_CHECKING:  # the CLI reads the method table without importing torch
+    from kvstore.state import KVState
 
 # The one table of pruning methods: name -> what it keeps (for --help, the dialog and errors).
 METHODS: dict[str, str] = {

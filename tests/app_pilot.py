@@ -24,7 +24,7 @@ async def wait_idle(pilot: Pilot, timeout: float = 30.0) -> None:
     app = pilot.app
     assert isinstance(app, KvtraceApp)
     await pilot.pause()
-    await wait_until(pilot, lambda: app.session is not None and not app.generating and not app.busy, timeout)
+    await wait_until(pilot, lambda: app.view is not None and not app.generating and not app.busy, timeout)
 
 
 async def send(pilot: Pilot, text: str) -> None:
@@ -45,7 +45,7 @@ async def save_by_keys(pilot: Pilot, path: Path) -> None:
     app.screen.query_one("#path").value = str(path)
     await pilot.press("enter")
     await wait_idle(pilot)
-    assert any(f"Saved {path.stat().st_size:,} B" in n for n in notifications(app))
+    assert any(f"{path.stat().st_size:,} bytes" in n and n.startswith("Saved") for n in notifications(app))
 
 
 async def load_by_keys(pilot: Pilot, path: Path, token_count: int) -> None:
@@ -53,8 +53,7 @@ async def load_by_keys(pilot: Pilot, path: Path, token_count: int) -> None:
     app = pilot.app
     await pilot.press("ctrl+o")
     app.screen.query_one("#path").value = str(path)
-    await pilot.pause()
-    assert f"tokens     {token_count}" in screen_text(app)
+    await wait_until(pilot, lambda: f"tokens:   {token_count} in" in screen_text(app))
     app.screen.query_one("#path").focus()
     await pilot.press("enter")
     await wait_idle(pilot)

@@ -20,6 +20,7 @@ import torch
 from kvstore.errors import FingerprintMismatch
 from kvstore.state import KVState, ModelFingerprint
 from tracer.errors import PromptError
+from tracer.sampling import SamplingSettings
 from tracer.records import AttentionEvidence, Candidate, LensLayer, StepRecord
 
 VOCAB = ["<eos>", "Hello", " world", ",", " the", " cat", " sat", " on", " mat", ".", "\n", " a",
@@ -34,16 +35,6 @@ def fake_fingerprint(model_id: str = "fake-model") -> ModelFingerprint:
     return ModelFingerprint(model_id=model_id, architecture="FakeForCausalLM", num_layers=LAYERS,
                             num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype="float32",
                             vocab_size=len(VOCAB))
-
-
-@dataclass
-class FakeSampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    max_new_tokens: int = 8
 
 
 @dataclass
@@ -69,7 +60,7 @@ class FakeSession:
     step_delay: float = 0.0
     top_k: int = 5
     model_id: str = "fake-model"
-    sampling: FakeSampling = field(default_factory=FakeSampling)
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_new_tokens=8))
 
     def __post_init__(self) -> None:
         self.loaded = SimpleNamespace(name="fake-model", device=torch.device("cpu"), dtype=torch.float32,
@@ -81,6 +72,7 @@ class FakeSession:
         self.positions: list[int] = []
         self.stop_reason: str | None = None
         self.attention_available = True
+        self.lens_supported = True
         self.notices: list[str] = []
         self.branches: list[FakeBranch] = []
         self.lens_calls = 0
@@ -171,6 +163,12 @@ class FakeSession:
 
     def token_text(self, position: int) -> str:
         return VOCAB[self.token_ids[position]]
+
+    def token_texts(self) -> list[str]:
+        return [VOCAB[t] for t in self.token_ids]
+
+    def lens_many(self, indices: list[int]) -> list[list[LensLayer]]:
+        return [self.lens(i) for i in indices]
 
     def lens(self, index: int) -> list[LensLayer]:
         record = self.records[index]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 from app_pilot import notifications, send, wait_idle, wait_until
@@ -12,7 +13,8 @@ from textual.command import CommandPalette
 
 from tracer.errors import ModelLoadError
 from tui_app.app import KvtraceApp
-from tui_app.messages import StepTaken
+from tracer.events import Stepped
+from tui_app.messages import RunnerEvent
 from tui_app.screens.help import HelpScreen
 from tui_app.widgets.attention import AttentionPane
 from tui_app.widgets.lens import LensPane
@@ -39,7 +41,7 @@ async def test_letters_type_into_the_input_box_instead_of_acting():
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press(*"q pgnb")
         assert app.query_one("#prompt").value == "q pgnb"
-        assert app.is_running and not app.session.records
+        assert app.is_running and not app.view.records
 
 
 async def test_selection_keys_drive_topk_and_attention():
@@ -122,7 +124,7 @@ async def test_n_steps_once_and_g_generates_more():
 
 async def test_escape_stops_within_one_step_and_no_stale_step_reaches_the_screen():
     session = FakeSession(step_delay=0.05)
-    session.sampling.max_new_tokens = 1000
+    session.sampling = replace(session.sampling, max_new_tokens=1000)
     app = KvtraceApp(session)
     async with app.run_test(size=(80, 24)) as pilot:
         app.query_one("#prompt").focus()
@@ -135,13 +137,13 @@ async def test_escape_stops_within_one_step_and_no_stale_step_reaches_the_screen
         assert len(session.records) <= shown + 1  # at most the step in flight
         assert app.timeline.records == session.records
         # A step message of the finished run arriving late is dropped.
-        app.post_message(StepTaken(app.run_id, session.records[0], 1, 1))
+        app.post_message(RunnerEvent(Stepped(app.run_id, session.records[0], 1, 1)))
         await pilot.pause()
         assert app.timeline.records == session.records
         # So is one from an older run while a new run streams.
         old_run = app.run_id
         await pilot.press("g")
-        app.post_message(StepTaken(old_run, session.records[0], 1, 1))
+        app.post_message(RunnerEvent(Stepped(old_run, session.records[0], 1, 1)))
         await wait_until(pilot, lambda: len(app.timeline.records) >= len(session.records) > shown + 2)
         await pilot.press("escape")
         await wait_idle(pilot)
@@ -198,12 +200,12 @@ async def test_save_dialog_writes_the_file_and_shows_its_size(tmp_path):
         await pilot.press("enter")
         await wait_idle(pilot)
         size = (tmp_path / "a.kvs").stat().st_size
-        assert any(f"Saved {size:,} B" in n for n in notifications(app))
+        assert any(f"{size:,} bytes" in n and n.startswith("Saved") for n in notifications(app))
 
 
 async def test_save_while_generating_stops_first_then_opens_the_dialog(tmp_path):
     session = FakeSession(step_delay=0.05)
-    session.sampling.max_new_tokens = 1000
+    session.sampling = replace(session.sampling, max_new_tokens=1000)
     app = KvtraceApp(session)
     async with app.run_test(size=(80, 24)) as pilot:
         app.query_one("#prompt").focus()
@@ -230,9 +232,9 @@ async def test_load_dialog_shows_the_header_then_loads_and_continues(tmp_path):
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("ctrl+o")
         app.screen.query_one("#path").value = str(path)
-        await pilot.pause()
+        await wait_until(pilot, lambda: "codec:" in screen_text(app))
         text = screen_text(app)
-        assert f"tokens     {len(source.token_ids)}" in text and "codec      lossless" in text
+        assert f"tokens:   {len(source.token_ids)} in the transcript" in text and "codec:    lossless" in text
         app.screen.query_one("#path").focus()
         await pilot.press("enter")
         await wait_idle(pilot)
@@ -300,7 +302,7 @@ async def test_prune_dialog_shows_before_and_after():
         await wait_idle(pilot)
         assert session.positions == session.positions[:4] + session.positions[-2:] and len(session.positions) == 6
         message = notifications(app)[-1]
-        assert f"{nbytes:,} B → {session.kv_bytes:,} B" in message and f"{entries} → 6" in message
+        assert f"{nbytes:,} -> {session.kv_bytes:,} bytes" in message and f"{entries} -> 6" in message
 
 
 async def test_ctrl_p_is_prune_and_the_palette_is_on_f2_with_every_action():
@@ -326,6 +328,7 @@ async def test_help_lists_the_keys_and_the_palette():
         app.timeline.focus()
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
+        await pilot.pause()
         text = screen_text(app)
         assert "ctrl+s" in text and "F2" in text
         await pilot.press("q")  # closes the help, does not quit
@@ -345,13 +348,13 @@ async def test_model_loads_inside_the_app_with_progress():
         release.wait(5)
         return FakeSession()
 
-    app = KvtraceApp(loader=loader)
+    app = KvtraceApp(opener=loader)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_until(pilot, lambda: "Dequantizing" in screen_text(app))
         assert "loading" in screen_text(app)
         await pilot.press(*"hi")  # typing works while loading
         release.set()
-        await wait_until(pilot, lambda: app.session is not None)
+        await wait_until(pilot, lambda: app.view is not None)
         await pilot.press("enter")
         await wait_idle(pilot)
         assert app.timeline.records
@@ -361,11 +364,11 @@ async def test_a_load_error_is_shown_and_reported():
     def loader(progress):
         raise ModelLoadError("No model at ./nowhere: give a folder, a .gguf file or a cached hub id.")
 
-    app = KvtraceApp(loader=loader)
+    app = KvtraceApp(opener=loader)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_until(pilot, lambda: app.load_error is not None)
-        assert "No model at ./nowhere" in screen_text(app)
-        await pilot.press("q")
+        assert "No model at ./nowhere" in screen_text(app) and "ctrl+q" in screen_text(app)
+        await pilot.press("ctrl+q")
     assert app.load_error.startswith("No model")
 
 

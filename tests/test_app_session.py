@@ -3,6 +3,8 @@ what the tracer recorded, and a snapshot saved from the app continues exactly in
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from app_pilot import load_by_keys, save_by_keys, send, wait_idle, wait_until
 from screen_text import screen_text
@@ -12,7 +14,7 @@ from tracer.sampling import SamplingSettings
 from tracer.session import TraceSession
 from tui_app.app import KvtraceApp
 from tui_app.cli import build_parser
-from tui_app.commands.app import session_loader
+from tui_app.commands.app import session_opener
 from tui_app.widgets.attention import strongest
 from tui_app.widgets.lens import settling_layer
 
@@ -55,7 +57,7 @@ async def test_saved_snapshot_continues_exactly_in_a_fresh_app(tiny, tmp_path):
     reference.generate(6)
 
     session = new_session(tiny)
-    session.sampling.max_new_tokens = 6
+    session.sampling = replace(session.sampling, max_new_tokens=6)
     app = KvtraceApp(session)
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "Hello world, hello kvtrace!")
@@ -110,12 +112,12 @@ async def test_export_writes_the_dump_schema(tiny, tmp_path, monkeypatch):
 
 async def test_the_command_loader_opens_the_model_inside_the_app(tiny_llama_dir):
     args = build_parser().parse_args(["--model", str(tiny_llama_dir), "--max-new-tokens", "5", "--device", "cpu"])
-    app = KvtraceApp(loader=session_loader(args))
+    app = KvtraceApp(opener=session_opener(args))
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: app.session is not None)
-        assert "tiny" in screen_text(app) or app.session.loaded.name in screen_text(app)
+        await wait_until(pilot, lambda: app.view is not None)
+        assert "tiny" in screen_text(app) or app.view.model in screen_text(app)
         await send(pilot, "Hello")
-        assert len(app.session.records) == 5
+        assert len(app.view.records) == 5
 
 
 async def test_branch_and_back_on_a_real_session(tiny):

@@ -13,6 +13,7 @@ import torch
 from kvstore import snapshot
 from kvstore_resume_checks import check_api_resume, check_command_resume, kvtrace, uninterrupted
 from tracer.loading import load_model
+from tracer.sampling import SamplingSettings
 from tracer.session import TraceSession
 
 PROMPT = "Tell me a story."
@@ -94,7 +95,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir, tiny_gpt2_dir,
         (("save", "--prompt", "Hi", "-o", tmp_path / "nowhere" / "x.kvs"), ["does not exist"]),
         (("save", "--prompt", " ", "-o", out, "--model", tiny_llama_dir), ["empty"]),
         (("prune", saved, "-o", out, "--keep-last", 3, "--sinks", 1, "--recent", 2), ["one pruning method"]),
-        (("prune", saved, "-o", out), ["Nothing to prune"]),
+        (("prune", saved, "-o", out), ["nothing to prune"]),
         (("prune", saved, "-o", out, "--keep-last", -1), ["zero or more"]),
         (("import", tmp_path / "p.kvs", "-o", out), ["--allow-pickle"]),
     ]
@@ -162,3 +163,60 @@ def test_info_shows_the_transcript_of_a_snapshot_saved_from_a_session(tiny_llama
     described = json.loads(kvtrace_here(capsys, "info", path, "--json").stdout)
     assert "Why is the sky blue?" in described["text"]
     assert described["text"].endswith(f"⟨{session.token_text(session.context_tokens - 1)}⟩")  # the pending token
+
+
+BAD_SAMPLING = [
+    (["--temperature", "-1"], "temperature must be"),
+    (["--temperature", "nan"], "temperature must be"),
+    (["--temperature", "1", "--top-p", "0"], "top-p must be above 0"),
+    (["--temperature", "1", "--top-p", "2"], "top-p must be above 0"),
+    (["--top-p", "nan"], "top-p must be above 0"),
+    (["--sample-top-k", "-1"], "sampling top-k must be"),
+    (["--seed", "-5"], "the seed must be"),
+    (["--temperature", "zz"], "invalid float value"),
+]
+
+
+@pytest.mark.parametrize("flags,fragment", BAD_SAMPLING, ids=[" ".join(f) for f, _ in BAD_SAMPLING])
+def test_every_command_refuses_bad_sampling_settings_in_one_line(flags, fragment, tiny_llama_dir, tmp_path, capsys):
+    """Checked before any model loads: no traceback (the nan one was a torch.multinomial traceback), exit 2."""
+    saved = tmp_path / "s.kvs"
+    commands = [
+        ["save", "--prompt", "hi", "--steps", "5", "-o", saved],
+        ["resume", saved, "--steps", "2"],
+        ["--dump", tmp_path / "t.jsonl", "--prompt", "hi"],
+        ["--print", "--prompt", "hi"],
+        [],  # the app: refused before it opens
+    ]
+    for command in commands:
+        result = kvtrace_here(capsys, *command, *flags, "--model", tiny_llama_dir)
+        assert_one_line_error(result, fragment)
+    assert not any(tmp_path.iterdir())
+
+
+def dumped_tokens(path) -> list[int]:
+    return [line["token_id"] for line in map(json.loads, path.read_text().splitlines()) if line["type"] == "step"]
+
+
+def test_resume_samples_with_the_snapshots_settings_unless_flags_override(tiny_llama_dir, tmp_path, capsys):
+    loaded = load_model(str(tiny_llama_dir))
+    settings = SamplingSettings(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12)
+    reference = TraceSession(loaded, settings)
+    reference.start_turn("Tell me a story about a small robot.")
+    reference.generate(12)
+    paused = TraceSession(loaded, settings)
+    paused.start_turn("Tell me a story about a small robot.")
+    paused.generate(5)
+    path = tmp_path / "paused.kvs"
+    snapshot.save(paused.export_state(), path)
+
+    assert kvtrace_here(capsys, "resume", path, "--steps", 7, "--model", tiny_llama_dir,
+                        "--dump", tmp_path / "same.jsonl").returncode == 0
+    assert dumped_tokens(tmp_path / "same.jsonl") == [r.token_id for r in reference.records[5:]]
+
+    greedy = TraceSession(loaded)
+    greedy.import_state(snapshot.load(path))
+    greedy.generate(7)
+    assert kvtrace_here(capsys, "resume", path, "--steps", 7, "--model", tiny_llama_dir, "--temperature", "0",
+                        "--dump", tmp_path / "greedy.jsonl").returncode == 0
+    assert dumped_tokens(tmp_path / "greedy.jsonl") == [r.token_id for r in greedy.records]

@@ -97,7 +97,7 @@ def corrupt_gguf(tmp_path) -> Path:
         ("missing path", "no such model file or folder: ./no/such/model"),
         ("corrupt gguf", "cannot load model .*broken.gguf"),
         ("bad sampling", "top-p must be above 0"),
-        ("bad output", "cannot write the trace to .*/no/such/dir/t.jsonl"),
+        ("bad output", "cannot write .*/no/such/dir/t.jsonl: the folder .* does not exist"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(case, expected, tiny_llama_dir, not_causal_dir, corrupt_gguf, tmp_path):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -10,8 +11,14 @@ import torch
 from tracer.errors import SettingsError
 
 
-@dataclass
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
 class SamplingSettings:
+    """How the next token is chosen; checked when built, so a session never holds settings it cannot use."""
+
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filter
@@ -19,16 +26,20 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()  # stop strings
     max_new_tokens: int = 64
 
-    def validate(self) -> None:
-        """Refuse values the sampler cannot use, with one clear line."""
-        if self.temperature < 0:
-            raise SettingsError(f"temperature must be 0 (greedy) or above, not {self.temperature}")
+    def __post_init__(self) -> None:
+        """Refuse values the sampler cannot use (NaN included), with one clear line."""
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:  # also false for NaN
+            raise SettingsError(f"temperature must be 0 (greedy) to {MAX_TEMPERATURE:g}, not {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise SettingsError(f"top-p must be above 0 and at most 1, not {self.top_p}")
         if self.top_k < 0:
             raise SettingsError(f"sampling top-k must be 0 (off) or above, not {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise SettingsError(f"the seed must be 0 to 2**63-1, not {self.seed}")
         if self.max_new_tokens < 0:
             raise SettingsError(f"max new tokens must be 0 or above, not {self.max_new_tokens}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise SettingsError("stop strings must be text")
 
     @property
     def greedy(self) -> bool:
@@ -40,11 +51,34 @@ class SamplingSettings:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamplingSettings:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        if "stop" in known:
-            known["stop"] = tuple(known["stop"])
-        return cls(**known)
+    def from_dict(cls, data: Any) -> SamplingSettings:
+        """Settings saved in a snapshot; fields of the wrong type or out of range are left at their defaults."""
+        settings = cls()
+        if not isinstance(data, dict):
+            return settings
+        for f in fields(cls):
+            value = data.get(f.name)
+            if f.name == "stop" and isinstance(value, list):
+                value = tuple(value)
+            if value is None or isinstance(value, bool) or not _fits(f.name, value):
+                continue
+            try:
+                settings = replace(settings, **{f.name: value})
+            except SettingsError:
+                continue
+        return settings
+
+    def overridden(self, **changes: Any) -> SamplingSettings:
+        """These settings with the given fields replaced (``None`` values mean "not given", left as they are)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _fits(name: str, value: Any) -> bool:
+    if name in ("temperature", "top_p"):
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if name == "stop":
+        return isinstance(value, tuple)
+    return isinstance(value, int)
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from kvstore.errors import FingerprintMismatch, SnapshotError
+from kvstore.errors import SnapshotError
+from kvstore.snapshot import check_fingerprint
 from kvstore.state import KVState
 from tracer import capture, chat
 from tracer.detokenize import IncrementalDecoder
@@ -391,11 +392,7 @@ class TraceSession:
         pruned) keeps the step records, their lens and the branches: only the cache
         changes. Any other state starts a fresh trace, since its steps were not traced here.
         """
-        differences = self.loaded.fingerprint.differences(state.fingerprint)
-        if differences:
-            raise FingerprintMismatch(
-                f"this KV state was made by another model than {self.loaded.name}: " + "; ".join(differences)
-            )
+        check_fingerprint(state.fingerprint, self.loaded.fingerprint)
         try:
             state.validate()
         except ValueError as error:

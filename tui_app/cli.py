@@ -15,9 +15,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+from kvstore.format import CODEC_NAMES, CODECS, DEFAULT_CODEC
+from kvstore.pruning import ALIASES, DEFAULT_SINKS, METHODS
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
+
+CODEC_HELP = "; ".join(f"{name}: {text}" for name, text in CODECS.items())
 
 EPILOG = """\
 commands:
@@ -54,21 +60,32 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        "notice and the chosen dtype)")
 
 
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """Options of the sampler; greedy unless a temperature above 0 is given."""
+def add_sampling_options(parser: argparse.ArgumentParser, *, resuming: bool = False) -> None:
+    """Options of the sampler; greedy unless a temperature above 0 is given.
+
+    Defaults are ``None`` (not given), so ``resume`` can keep a snapshot's own settings for what is not given.
+    """
+    default = " (default: the snapshot's)" if resuming else ""
     group = parser.add_argument_group("sampling")
-    group.add_argument("--temperature", type=float, default=0.0,
-                       help="0 = greedy (default); above 0 samples")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    group.add_argument("--sample-top-k", type=int, default=0, metavar="K",
-                       help="sample only among the K most likely tokens (default 0 = all)")
-    group.add_argument("--seed", type=int, default=None, help="seed: the same seed gives the same tokens")
-    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                       help="stop when the reply ends with TEXT (repeatable)")
+    group.add_argument("--temperature", type=float, metavar="T",
+                       help=f"0 = greedy{default or ' (default)'}; above 0 samples")
+    group.add_argument("--top-p", type=float, metavar="P", help=f"nucleus sampling mass{default or ' (default 1.0)'}")
+    group.add_argument("--sample-top-k", type=int, metavar="K",
+                       help=f"sample only among the K most likely tokens{default or ' (default 0 = all)'}")
+    group.add_argument("--seed", type=int, metavar="N", help=f"seed: the same seed gives the same tokens{default}")
+    group.add_argument("--stop", action="append", metavar="TEXT",
+                       help=f"stop when the reply ends with TEXT (repeatable){default}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes are one line (``kvtrace: error: ...``) and exit code 2, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"kvtrace: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="kvtrace",
         description="See what a local language model does at every step and every layer while it "
         "writes; save, prune and restore its KV cache.",
@@ -91,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trace headlessly and print a readable step table (for logs, pipes and terminals "
                        "where the app can't run); without --prompt a demo prompt is used")
 
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     _add_snapshot_commands(commands)
     return parser
 
@@ -102,8 +119,8 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
     save.add_argument("--prompt", required=True, metavar="TEXT", help="the user message")
     save.add_argument("--system", metavar="TEXT", help="an optional system prompt")
     save.add_argument("-o", "--output", required=True, metavar="FILE", help="snapshot file to write (.kvs)")
-    save.add_argument("--codec", default="lossless", choices=["lossless", "fp16", "bf16", "int8", "int4"],
-                      help="payload codec (default lossless)")
+    save.add_argument("--codec", default=DEFAULT_CODEC, choices=CODEC_NAMES, metavar="CODEC",
+                      help=f"payload codec (default {DEFAULT_CODEC}): {CODEC_HELP}")
     save.add_argument("--steps", type=int, default=0, metavar="N", help="generate N tokens before saving (default 0)")
     save.add_argument("--label", default="", help="a free label stored in the snapshot")
     add_model_options(save)
@@ -119,7 +136,7 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
     resume.add_argument("--top-k", type=int, default=10, metavar="K", help="candidates per step (default 10)")
     resume.add_argument("-o", "--output", metavar="FILE", help="save the state after resuming to FILE")
     add_model_options(resume)
-    add_sampling_options(resume)
+    add_sampling_options(resume, resuming=True)
 
     prune = commands.add_parser("prune", help="shrink a snapshot's KV cache",
                                 description="Drop cache entries; original positions are kept, so resuming "
@@ -127,15 +144,17 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
     prune.add_argument("file", metavar="FILE", help="snapshot to prune")
     prune.add_argument("-o", "--output", required=True, metavar="OUT", help="pruned snapshot to write")
     prune.add_argument("--keep-last", type=int, metavar="N", help="keep the last N entries")
-    prune.add_argument("--sinks", type=int, metavar="S", help="keep the first S entries (attention sinks)")
+    prune.add_argument("--sinks", type=int, metavar="S", help="keep the first S entries (attention sinks; "
+                       f"with --method: default {DEFAULT_SINKS})")
     prune.add_argument("--recent", type=int, metavar="N", help="with --sinks: also keep the last N entries")
-    prune.add_argument("--method", choices=["attention"], help="attention: keep the entries that received the "
-                       "most attention (heavy hitters) plus sinks and a recent window")
-    prune.add_argument("--budget", type=int, metavar="N", help="with --method attention: entries to keep")
+    prune.add_argument("--method", choices=[*METHODS, *ALIASES], metavar="METHOD",
+                       help="keep BUDGET entries with METHOD: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items())
+                       + " ('attention' is heavy_hitters)")
+    prune.add_argument("--budget", type=int, metavar="N", help="with --method: entries to keep")
     prune.add_argument("--drop-span", nargs=2, type=int, metavar=("START", "END"),
                        help="drop the entries at original positions START..END-1 (e.g. one chat turn)")
-    prune.add_argument("--codec", choices=["lossless", "fp16", "bf16", "int8", "int4"],
-                       help="codec of the output (default: the input's)")
+    prune.add_argument("--codec", choices=CODEC_NAMES, metavar="CODEC",
+                       help=f"codec of the output (default: the input's): {', '.join(CODEC_NAMES)}")
 
     info = commands.add_parser("info", help="describe a snapshot",
                                description="Show a snapshot's header, model, tokens as text, codec and sizes.")
@@ -156,7 +175,10 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error already reported in one line
+        return int(done.code or 0)
     from tracer.errors import UserError  # light: no torch
 
     try:

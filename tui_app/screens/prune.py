@@ -1,48 +1,30 @@
 """The prune dialog (ctrl+p or p): a method and a budget, with the effect previewed.
 
-The preview counts the cache entries each method keeps from the cached
-positions alone; the app then prunes for real and reports bytes and tokens
-before and after.
+The dialog builds a ``kvstore.pruning.PruneSpec``, the same object the command
+line builds; the preview counts what that spec keeps of the cached positions
+(the runner's summary, not a copy of the cache), with the same rule that
+prunes.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Input, Label, Select
 
+from kvstore.errors import PruneError
+from kvstore.pruning import METHODS, PruneSpec
 from tui_app.formatting import byte_count
 from tui_app.screens.form import FormScreen
 
-METHODS = [
-    ("sinks + recent: the first S and the last entries", "sinks_recent"),
-    ("attention: heavy hitters + sinks + recent", "heavy_hitters"),
-    ("keep last N entries", "keep_last"),
-    ("drop a span of positions START END", "drop_span"),
-]
+DROP_SPAN = "drop_span"
+CHOICES = [(f"{name}: {text}", name) for name, text in METHODS.items()]
+CHOICES.append(("drop a span of positions START END (e.g. one chat turn)", DROP_SPAN))
 
 
-@dataclass(frozen=True)
-class PruneRequest:
-    method: str
-    budget: int = 0  # entries to keep (all methods but drop_span)
-    sinks: int = 4
-    start: int = 0  # drop_span: original positions start..end-1
-    end: int = 0
+class PruneScreen(FormScreen[PruneSpec | None]):
 
-    def kept(self, positions: list[int]) -> int:
-        """How many of the cache entries at ``positions`` this request keeps."""
-        n = len(positions)
-        if self.method == "drop_span":
-            return sum(1 for p in positions if not self.start <= p < self.end)
-        return min(self.budget, n)
-
-
-class PruneScreen(FormScreen[PruneRequest | None]):
-
-    def __init__(self, positions: list[int], nbytes: int, tokens: int) -> None:
+    def __init__(self, positions: tuple[int, ...], nbytes: int, tokens: int) -> None:
         super().__init__()
         self.positions = positions
         self.nbytes = nbytes
@@ -55,7 +37,7 @@ class PruneScreen(FormScreen[PruneRequest | None]):
             yield Label(f"Now: {n} cache entries of {self.tokens} tokens, {byte_count(self.nbytes)}. Positions "
                         "are kept: generation continues at the true next one.", classes="muted")
             yield Label("Method")
-            yield Select(METHODS, value="sinks_recent", allow_blank=False, id="method")
+            yield Select(CHOICES, value="sinks_recent", allow_blank=False, id="method")
             with Horizontal(classes="fields"):
                 with Vertical():
                     yield Label("Budget (entries kept)")
@@ -73,29 +55,32 @@ class PruneScreen(FormScreen[PruneRequest | None]):
         self.query_one("#budget", Input).focus()
         self._preview()
 
-    def request(self) -> PruneRequest | None:
+    def spec(self) -> PruneSpec:
+        """The spec the fields describe; ``PruneError`` (one line) when they do not make one."""
         method = str(self.query_one("#method", Select).value)
         try:
             budget = int(self.query_one("#budget", Input).value or 0)
             sinks = int(self.query_one("#sinks", Input).value or 0)
-            start = end = 0
-            if method == "drop_span":
+            span = None
+            if method == DROP_SPAN:
                 start, end = (int(x) for x in self.query_one("#span", Input).value.split())
+                span = (start, end)
         except ValueError:
-            return None
-        if budget < 1 and method != "drop_span" or sinks < 0 or (method == "drop_span" and end <= start):
-            return None
-        if method == "sinks_recent" and sinks > budget:
-            return None
-        return PruneRequest(method, budget, sinks, start, end)
+            raise PruneError("give whole numbers: a budget, sinks, and for a span START END") from None
+        if method == DROP_SPAN:
+            return PruneSpec(None, span=span)
+        if budget < 1:
+            raise PruneError("give a budget of at least 1 entry")
+        return PruneSpec(method, budget=budget, sinks=sinks)
 
     def _preview(self) -> None:
-        request = self.request()
         label = self.query_one("#preview", Label)
-        if request is None:
-            label.update("Give a budget of at least 1 (at least the sinks), or a span START END with END > START.")
+        try:
+            spec = self.spec()
+            kept = len(spec.select(self.positions, self.tokens - 1, scores=[0.0] * len(self.positions)))
+        except PruneError as error:
+            label.update(str(error)[:1].upper() + str(error)[1:] + ".")
             return
-        kept = request.kept(self.positions)
         per_entry = self.nbytes / len(self.positions) if self.positions else 0
         label.update(f"After: {kept} cache entries, about {byte_count(round(per_entry * kept))}; "
                      f"tokens stay {self.tokens} (dropped entries are no longer attended to)")
@@ -107,8 +92,9 @@ class PruneScreen(FormScreen[PruneRequest | None]):
         self._preview()
 
     def _submit(self) -> None:
-        request = self.request()
-        if request is None:
-            self.notify("The prune settings are incomplete; see the line above the buttons.", severity="warning")
+        try:
+            spec = self.spec()
+        except PruneError as error:
+            self.notify(f"The prune settings are incomplete: {error}.", severity="warning")
             return
-        self.dismiss(request)
+        self.dismiss(spec)

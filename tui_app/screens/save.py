@@ -10,15 +10,10 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Input, Label, Select
 
+from kvstore.format import CODECS, DEFAULT_CODEC
 from tui_app.screens.form import FormScreen
 
-CODECS = [
-    ("lossless: exact, zstd-compressed", "lossless"),
-    ("fp16: half the size, tiny error", "fp16"),
-    ("bf16: half the size", "bf16"),
-    ("int8: a quarter, small error", "int8"),
-    ("int4: an eighth, visible error", "int4"),
-]
+CHOICES = [(f"{name}: {text}", name) for name, text in CODECS.items()]
 
 
 @dataclass(frozen=True)
@@ -45,7 +40,7 @@ class SaveScreen(FormScreen[SaveRequest | None]):
             yield Input(default_name(), id="path")
             yield Label("", id="exists", classes="muted")
             yield Label("Codec")
-            yield Select(CODECS, value="lossless", allow_blank=False, id="codec")
+            yield Select(CHOICES, value=DEFAULT_CODEC, allow_blank=False, id="codec")
             yield self.buttons("Save")
 
     def on_mount(self) -> None:

@@ -33,6 +33,11 @@ class ChatView(VerticalScroll):
             self.mount(self.progress)
         self.progress.update(Text(text))
 
+    def show_failure(self, error: str, hint: str) -> None:
+        """A failure to open the model: the error in red (as plain text, never as markup) and what to do."""
+        self.show_progress("")
+        self.progress.update(Text.assemble((error, "bold red"), "\n", hint))
+
     def show_conversation(self, messages: list[dict[str, str]], reply: str | None) -> None:
         """Redraw from the session: its messages, then the reply being written (if any)."""
         for child in list(self.children):

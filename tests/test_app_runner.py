@@ -1,0 +1,86 @@
+"""The app never touches the session from its event loop: the runner's worker does, under its lock."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from app_pilot import load_by_keys, notifications, save_by_keys, send, wait_idle, wait_until
+from fake_session import FakeSession
+
+from tui_app.app import KvtraceApp
+from tui_app.screens.prune import PruneScreen
+
+
+class RecordingLock:
+    """A lock that remembers which threads acquired it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.threads: set[int] = set()
+
+    def __enter__(self):
+        self.threads.add(threading.get_ident())
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+
+class WatchedSession(FakeSession):
+    """Records the threads that call any of its methods."""
+
+    def __getattribute__(self, name: str):
+        value = object.__getattribute__(self, name)
+        if callable(value) and not name.startswith("_"):
+            object.__getattribute__(self, "callers").add(threading.get_ident())
+        return value
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "callers", set())
+        super().__post_init__()
+
+
+async def test_no_flow_takes_the_session_lock_or_calls_the_session_on_the_event_loop(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    session = WatchedSession()
+    app = KvtraceApp(session)
+    lock = app.runner.lock = RecordingLock()
+    event_loop = threading.get_ident()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await send(pilot, "one two three four five six")  # a turn and its reply
+        app.timeline.focus()
+        await pilot.press("n")  # one more step
+        await wait_idle(pilot)
+        await pilot.press("p")  # prune
+        app.screen.query_one("#budget").value = "6"
+        app.screen.query_one("#budget").focus()
+        await pilot.press("enter")
+        await wait_idle(pilot)
+        await save_by_keys(pilot, tmp_path / "s.kvs")
+        await load_by_keys(pilot, tmp_path / "s.kvs", len(session.token_ids))
+        await pilot.press("ctrl+e")  # export
+        await wait_idle(pilot)
+        assert any(n.startswith("Exported") for n in notifications(app))
+    assert lock.threads and event_loop not in lock.threads
+    assert session.callers and event_loop not in session.callers
+
+
+async def test_the_prune_dialog_opens_at_once_without_copying_the_cache():
+    session = FakeSession()
+    session.loaded.context_limit = 10_000
+    app = KvtraceApp(session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.query_one("#prompt").value = " ".join(["w"] * 4000)
+        app.query_one("#prompt").focus()
+        await pilot.press("enter")
+        await wait_idle(pilot)
+        exported = []
+        session.export_state = lambda: exported.append(time.sleep(1))  # a 4,000-token cache copy is slow
+        app.timeline.focus()
+        started = time.perf_counter()
+        app.action_prune()
+        opened = time.perf_counter() - started
+        await wait_until(pilot, lambda: isinstance(app.screen, PruneScreen))
+        assert opened < 0.05 and not exported
+        assert f"Now: {len(session.positions)} cache entries" in str(app.screen.query_one(".muted").render())

@@ -1,0 +1,308 @@
+"""The use cases: what a person does with kvtrace, written once for the command line and the app.
+
+Open a session on a model, save it, load a snapshot into it, prune it, export
+its trace, resume a snapshot, import a legacy cache. Headless (no textual, no
+argparse): the CLI's commands are thin adapters that build these arguments
+from flags, and the app's runner calls the same functions in its worker
+thread. Progress is a callback; every expected failure is a ``TracerError`` or
+``SnapshotError`` carrying one line in the project's voice (a lowercase
+sentence fragment, no trailing period), which the CLI prints after
+``kvtrace: error:`` and the app shows as a notification.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from kvstore import snapshot
+from kvstore.atomic import atomic_writer
+from kvstore.errors import SnapshotError
+from kvstore.format import DEFAULT_CODEC
+from kvstore.pruning import PruneSpec
+from kvstore.snapshot import SnapshotInfo
+from kvstore.state import KVState
+from tracer.errors import SettingsError
+from tracer.loading import EMBEDDED_NAME, LoadedModel, load_model, quiet_transformers
+from tracer.protocol import Session
+from tracer.sampling import SamplingSettings
+
+Progress = Callable[[str], None]
+MAX_TOP_K = 1000  # candidates recorded per step and lens layer; more only bloats every record
+
+
+def _quiet(message: str) -> None:
+    """The progress callback of callers that do not want any."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to load and where: ``spec`` None is the embedded default."""
+
+    spec: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    load_in_4bit: bool = False
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What each step records, checked when built."""
+
+    top_k: int = 10
+    attention: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise SettingsError(f"--top-k must be 1 to {MAX_TOP_K}, not {self.top_k}")
+
+
+# ---------------------------------------------------------------------------------------- open
+def load(choice: ModelChoice, progress: Progress = _quiet) -> LoadedModel:
+    """The one model loader of the CLI and the app (transformers' own progress bars silenced)."""
+    quiet_transformers()
+    return load_model(choice.spec, device=choice.device, dtype=choice.dtype, load_in_4bit=choice.load_in_4bit,
+                      progress=progress)
+
+
+def new_session(loaded: LoadedModel, sampling: SamplingSettings, options: TraceOptions) -> Session:
+    """A trace session on an already loaded model."""
+    from tracer.session import TraceSession
+
+    vocab = loaded.fingerprint.vocab_size
+    if options.top_k > vocab:
+        raise SettingsError(f"--top-k must be at most the vocabulary size ({vocab}), not {options.top_k}")
+    return TraceSession(loaded, sampling, top_k=options.top_k, capture_attention=options.attention)
+
+
+def open_session(choice: ModelChoice, sampling: SamplingSettings, options: TraceOptions,
+                 progress: Progress = _quiet) -> Session:
+    """Load the model ``choice`` names and open a trace session on it."""
+    return new_session(load(choice, progress), sampling, options)
+
+
+# ------------------------------------------------------------------------------------ snapshots
+@dataclass(frozen=True)
+class Saved:
+    path: str
+    written: int  # bytes on disk
+    tokens: int
+    entries: int
+    raw_bytes: int
+    codec: str
+
+    def describe(self) -> str:
+        return (f"saved {self.tokens} tokens ({self.entries} cached entries) to {self.path}: {self.written:,} bytes, "
+                f"codec {self.codec}, {self.written / max(self.raw_bytes, 1):.3f} of the raw K/V")
+
+
+def check_output(path: str) -> None:
+    """Refuse an output path that cannot be written, before any slow work is done."""
+    target = Path(path)
+    if target.is_dir():
+        raise SnapshotError(f"{path} is a folder; give a file name to write")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise SnapshotError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise SnapshotError(f"cannot write {path}: the folder {folder} is not writable")
+
+
+def save_state(state: KVState, path: str, codec: str = DEFAULT_CODEC, label: str | None = None) -> Saved:
+    """Write ``state`` to ``path`` (atomically)."""
+    if label:
+        state.metadata["label"] = label
+    written = snapshot.save(state, path, codec=codec)
+    return Saved(path, written, len(state.token_ids), state.cache_length, state.nbytes, codec)
+
+
+def save(session: Session, path: str, codec: str = DEFAULT_CODEC, label: str | None = None) -> Saved:
+    """Save the session's paused generation to ``path``."""
+    return save_state(session.export_state(), path, codec, label)
+
+
+def read_state(path: str, session: Session | None = None) -> KVState:
+    """A snapshot's state; with a session, refused (before any payload is decoded) unless it fits its model."""
+    expected = None if session is None else session.loaded.fingerprint
+    return snapshot.load(path, expected=expected)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    path: str
+    tokens: int
+    entries: int
+    nbytes: int
+
+    def describe(self) -> str:
+        return f"loaded {self.path}: {self.tokens} tokens, {self.entries} cached entries, KV {self.nbytes:,} bytes"
+
+
+def load_into(session: Session, path: str) -> Loaded:
+    """Continue the session from the snapshot at ``path``; the session is unchanged if it is refused."""
+    state = read_state(path, session)
+    session.import_state(state)
+    return Loaded(path, len(state.token_ids), state.cache_length, state.nbytes)
+
+
+# -------------------------------------------------------------------------------------- pruning
+@dataclass(frozen=True)
+class Pruned:
+    spec: PruneSpec
+    entries_before: int
+    entries_after: int
+    bytes_before: int
+    bytes_after: int
+    tokens: int
+    state: KVState
+
+    def describe(self) -> str:
+        return (f"pruned ({self.spec.describe()}): cached entries {self.entries_before} -> {self.entries_after}, "
+                f"KV {self.bytes_before:,} -> {self.bytes_after:,} bytes; the transcript keeps its {self.tokens} "
+                "tokens")
+
+
+def prune_state(state: KVState, spec: PruneSpec) -> Pruned:
+    pruned = spec.apply(state)
+    return Pruned(spec, state.cache_length, pruned.cache_length, state.nbytes, pruned.nbytes,
+                  len(state.token_ids), pruned)
+
+
+def prune(session: Session, spec: PruneSpec) -> Pruned:
+    """Prune the session's cache in place (its trace and records stay: only the cache changes)."""
+    result = prune_state(session.export_state(), spec)
+    session.import_state(result.state)
+    return result
+
+
+# -------------------------------------------------------------------------------------- traces
+@contextmanager
+def trace_output(target: str) -> Iterator[TextIO]:
+    """Where a JSON Lines trace goes: stdout for ``-``, else ``target`` written atomically.
+
+    The one writer of trace files (``--dump``, ``resume --dump``, the app's export): the file
+    appears only once complete, with the permissions a plain ``open`` would give it.
+    """
+    if target == "-":
+        yield sys.stdout
+        return
+    check_output(target)
+    with atomic_writer(target) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+        yield text
+        text.flush()
+        text.detach()
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: str
+    steps: int
+
+    def describe(self) -> str:
+        return f"exported {self.steps} steps to {self.path}"
+
+
+def export_trace(session: Session, path: str, *, with_lens: bool = False) -> Exported:
+    """Write everything the session traced so far as JSON Lines (the ``--dump`` schema)."""
+    from tracer.dump import write_trace
+
+    with trace_output(path) as out:
+        write_trace(session, out, with_lens=with_lens)
+    return Exported(path, len(session.records))
+
+
+# -------------------------------------------------------------------------------------- resume
+@dataclass(frozen=True)
+class ModelForSnapshot:
+    """The model a resume will load for a snapshot, and why (``kvtrace info`` says it too)."""
+
+    spec: str | None  # None: the embedded default
+    reason: str
+
+
+def model_for_snapshot(info: SnapshotInfo, given: str | None) -> ModelForSnapshot:
+    """The user's ``--model`` if given; else the default model, or the local model the snapshot names.
+
+    A snapshot never makes kvtrace load a model silently: a local path named in
+    the file is used only when it exists, and the caller says so.
+    """
+    if given is not None:
+        return ModelForSnapshot(given, f"{given} (--model)")
+    named = info.fingerprint.model_id
+    if named == EMBEDDED_NAME:
+        return ModelForSnapshot(None, f"the embedded {EMBEDDED_NAME} (the snapshot's model)")
+    if Path(named).expanduser().exists():
+        return ModelForSnapshot(named, f"{named} (the local model the snapshot names)")
+    raise SnapshotError(f"the snapshot was made by {named}, which is not on this machine; "
+                        "pass --model with that model's folder or .gguf file")
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    source: str
+    model: ModelChoice
+    sampling: dict  # the sampling flags given on the command line (None: not given)
+    steps: int = 64
+    continue_text: str | None = None
+    options: TraceOptions = TraceOptions()
+
+
+def resumed_sampling(state: KVState, given: dict, steps: int) -> SamplingSettings:
+    """The snapshot's own sampling settings, with the flags the user gave on top."""
+    saved = SamplingSettings.from_dict(state.metadata.get("sampling"))
+    return saved.overridden(**given).overridden(max_new_tokens=max(steps, 1))
+
+
+def resume(request: ResumeRequest, progress: Progress = _quiet) -> tuple[Session, KVState]:
+    """Open the snapshot's model, load the snapshot, and add the user's message if any (not generating yet).
+
+    The file is read and checked before the model loads, so a bad file costs no load time.
+    """
+    info = snapshot.read_info(request.source)
+    state = snapshot.load(request.source)
+    plan = model_for_snapshot(info, request.model.spec)
+    progress(f"resuming with {plan.reason}")
+    choice = ModelChoice(plan.spec, request.model.device, request.model.dtype, request.model.load_in_4bit)
+    sampling = resumed_sampling(state, request.sampling, request.steps)
+    session = open_session(choice, sampling, request.options, progress)
+    session.import_state(state)  # refused, in the same words as a load, if the model does not fit
+    if request.continue_text:
+        session.start_turn(request.continue_text)
+    return session, state
+
+
+# -------------------------------------------------------------------------------------- legacy
+def read_token_file(path: str) -> list[int]:
+    """A JSON list of token ids."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SnapshotError(f"no token file at {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SnapshotError(f"{path} is not a JSON list of token ids ({error})") from None
+    if not (isinstance(data, list) and data and all(isinstance(t, int) and not isinstance(t, bool) for t in data)):
+        raise SnapshotError(f"{path} is not a non-empty JSON list of integer token ids")
+    return data
+
+
+def import_legacy(source: str, output: str, choice: ModelChoice, *, tokens_file: str | None = None,
+                  allow_pickle: bool = False, progress: Progress = _quiet) -> Saved:
+    """Convert a KV cache saved with ``torch.save`` (or, with ``allow_pickle``, pickle) into a snapshot."""
+    from kvstore.legacy import read_legacy, to_state
+
+    check_output(output)
+    legacy = read_legacy(source, allow_pickle=allow_pickle)
+    token_ids = read_token_file(tokens_file) if tokens_file else legacy.token_ids
+    if token_ids is None:
+        raise SnapshotError(f"{source} carries no token ids; pass --tokens FILE (a JSON list of ids)")
+    session = open_session(choice, SamplingSettings(), TraceOptions(), progress)
+    session.import_state(to_state(legacy, token_ids, session.loaded.fingerprint))  # checks it fits the model
+    return save(session, output, label=f"imported from {Path(source).name}")

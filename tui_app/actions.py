@@ -1,0 +1,104 @@
+"""The one table of the app's actions: key bindings, the footer, the command palette and the help screen
+all come from it, so a key is defined in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.binding import Binding
+
+
+@dataclass(frozen=True)
+class Action:
+    action: str  # the app's action (with arguments), e.g. "pane('lens')"
+    keys: str  # Textual key names, comma-separated; "" for palette-only actions
+    label: str  # short name in the footer
+    help: str  # one line for the help screen and the palette
+    title: str = ""  # the palette entry (default: the label)
+    key_display: str | None = None  # how the footer writes the keys (default: Textual's)
+    footer: bool = False
+    palette: bool = True
+    needs_session: bool = True  # disabled until a model is loaded, and under dialogs
+    priority: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.action.split("(", 1)[0]
+
+    @property
+    def command(self) -> str:
+        return self.title or self.label
+
+    @property
+    def shown_keys(self) -> str:
+        """The keys as the help screen writes them: ``ctrl+p / p``, ``f1 / ?``."""
+        return " / ".join(KEY_NAMES.get(k.strip(), k.strip()) for k in self.keys.split(","))
+
+
+KEY_NAMES = {"question_mark": "?", "colon": ":", "left_square_bracket": "[", "right_square_bracket": "]",
+             "left": "←", "right": "→", "up": "↑", "down": "↓", "home": "Home", "end": "End", "escape": "Escape",
+             "f1": "F1", "f2": "F2"}
+
+
+ACTIONS: list[Action] = [
+    Action("generate", "g", "Gen", "generate up to max-new-tokens more tokens", footer=True),
+    Action("step", "n", "Step", "generate exactly one token", footer=True),
+    Action("stop", "escape", "Stop", "stop generating (within one step)", footer=True),
+    Action("branch", "b", "Branch", "from the selected token, continue with the ▶ candidate", footer=True),
+    Action("switch_branch", "B", "Other branch", "swap to the previous branch and back (every branch is in the "
+           "palette)"),
+    Action("save", "ctrl+s", "Save", "save a snapshot of the KV cache (file name, codec)", "Save snapshot",
+           footer=True),
+    Action("load", "ctrl+o", "Load", "load a snapshot (its header is shown first)", "Load snapshot", footer=True),
+    Action("prune", "ctrl+p,p", "Prune", "prune the KV cache (method, budget)", "Prune cache", key_display="p",
+           footer=True),
+    Action("export", "ctrl+e", "Export", "export the trace as JSON Lines", "Export trace", priority=True),
+    Action("move(-1)", "left", "Previous token", "select the previous generated token", palette=False),
+    Action("move(1)", "right", "Next token", "select the next generated token", palette=False),
+    Action("first", "home", "First token", "select the first generated token", palette=False),
+    Action("last", "end", "Last token", "select the last generated token", palette=False),
+    Action("candidate(-1)", "up", "Previous candidate", "choose the top-k candidate (▶) above for branching",
+           palette=False),
+    Action("candidate(1)", "down", "Next candidate", "choose the top-k candidate (▶) below for branching",
+           palette=False),
+    Action("attention_mode", "a", "Mean/layer", "attention pane: the mean over layers or one layer"),
+    Action("attention_layer(-1)", "left_square_bracket", "Previous layer", "attention pane: previous layer",
+           key_display="[", palette=False),
+    Action("attention_layer(1)", "right_square_bracket", "Next layer", "attention pane: next layer",
+           key_display="]", palette=False),
+    Action("pane('topk')", "1", "Show top-k", "show the top-k pane (narrow terminals)"),
+    Action("pane('attention')", "2", "Show attention", "show the attention pane (narrow terminals)"),
+    Action("pane('lens')", "3", "Show lens", "show the lens pane (narrow terminals)"),
+    Action("focus_input", "i", "Type a message", "go to the input box"),
+    Action("help", "f1,question_mark", "Help", "show every key", key_display="?", footer=True,
+           needs_session=False),
+    Action("command_palette", "f2,colon", "Palette", "command palette: every action (ctrl+p is prune here)",
+           palette=False, needs_session=False, priority=True),
+    Action("leave", "q", "Quit", "quit (ctrl+q always quits, also from the input box)", footer=True,
+           needs_session=False),
+]
+
+SESSION_ACTIONS = frozenset(a.name for a in ACTIONS if a.needs_session)
+MODAL_BLOCKED = frozenset(a.name for a in ACTIONS if a.name != "command_palette")
+
+
+def bindings() -> list[Binding]:
+    """Textual bindings for every action that has keys."""
+    return [
+        Binding(a.keys, a.action, a.label, show=a.footer, key_display=a.key_display, priority=a.priority,
+                tooltip=a.help)
+        for a in ACTIONS if a.keys
+    ]
+
+
+def palette_entries() -> list[Action]:
+    return [a for a in ACTIONS if a.palette]
+
+
+def help_rows() -> list[tuple[str, str]]:
+    """(keys, what they do) for the help screen: Enter and Tab first, then the table."""
+    first = [a for a in ACTIONS if a.name in ("command_palette", "help")]
+    rows = [("Enter", "send the message in the input box and generate the reply"),
+            ("Tab / shift+Tab", "move the focus between the input, the timeline and the panes")]
+    return rows + [(a.shown_keys, a.help) for a in [*first, *(a for a in ACTIONS if a not in first)] if a.keys]
