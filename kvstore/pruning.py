@@ -47,11 +47,11 @@ def heavy_hitters(state: KVState, budget: int, sinks: int = 4, recent: int | Non
     recent = budget // 4 if recent is None else recent
     _check_count("recent", recent)
     if sinks + recent > budget:
-        raise PruneError(f"The budget {budget} is smaller than sinks ({sinks}) plus recent ({recent}).")
+        raise PruneError(f"the budget {budget} is smaller than sinks ({sinks}) plus recent ({recent})")
     if state.attention_scores is None:
         raise PruneError(
-            "This snapshot carries no attention scores (it was saved without tracing attention); "
-            "use --keep-last or --sinks/--recent instead."
+            "this snapshot carries no attention scores (it was saved without tracing attention); "
+            "use --keep-last or --sinks/--recent instead"
         )
     length = state.cache_length
     if budget >= length:
@@ -68,10 +68,10 @@ def heavy_hitters(state: KVState, budget: int, sinks: int = 4, recent: int | Non
 def drop_span(state: KVState, start: int, end: int) -> KVState:
     """Drop the entries at original positions ``start`` .. ``end - 1`` (e.g. one chat turn)."""
     if start < 0 or end < start:
-        raise PruneError(f"The span {start}..{end} is not a valid range of positions (0 <= START <= END).")
+        raise PruneError(f"the span {start}..{end} is not a valid range of positions (0 <= START <= END)")
     return state.select([i for i, p in enumerate(state.positions) if not start <= p < end])
 
 
 def _check_count(name: str, value: int) -> None:
     if value < 0:
-        raise PruneError(f"{name} must be zero or more, not {value}.")
+        raise PruneError(f"{name} must be zero or more, not {value}")
