@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import zstandard
 
-from hostile_corpus import huge_layer, per_head_state, split, v1_bytes
+from hostile_corpus import huge_layer, per_head_state, saved_int4, split, v1_bytes
 from kvstore import format as fmt
 from kvstore import pipeline, snapshot
 from kvstore.errors import FingerprintMismatch, SnapshotError
 from kvstore.format import CODEC_NAMES
 from kvstore_factory import FINGERPRINT, make_state
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def bits(t: torch.Tensor) -> bytes:
@@ -182,3 +187,18 @@ def test_metadata_of_the_wrong_shape_is_dropped_and_the_rest_kept(tmp_path):
     assert set(loaded.metadata) == {"label", "token_texts", "custom"}
     info = snapshot.read_info(tmp_path / "s.kvs")
     assert info.created > 1.7e9  # an absurd creation time is replaced by the time of the save
+
+
+def test_an_int4_key_group_far_past_the_sequence_is_one_group_and_costs_nothing(tmp_path):
+    fp = replace(FINGERPRINT, head_dim=1024)  # a per-token expansion of 4 Mi groups would need 32 GiB
+    for group in (0, 1 << 22):
+        (tmp_path / f"{group}.kvs").write_bytes(saved_int4(fp, tmp_path, key_group=group))
+    one, huge = (snapshot.load(tmp_path / f"{group}.kvs", expected=fp) for group in (0, 1 << 22))
+    assert all(torch.equal(a, b) for a, b in zip(one.keys + one.values, huge.keys + huge.values))
+
+
+def test_kvstore_never_imports_model_or_screen_libraries():
+    code = ("import sys, kvstore.snapshot, kvstore.verify, kvstore.legacy, kvstore.pruning; "
+            "print(sorted(m for m in ('transformers', 'textual', 'tracer', 'tui_app') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
