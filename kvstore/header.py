@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kvstore import format as fmt
-from kvstore.codecs import DTYPE_NAMES, DTYPES, Codec, make_codec
+from kvstore.codecs import DTYPE_NAMES, DTYPES, ROLES, Codec, make_codec
 from kvstore.errors import SnapshotError
 from kvstore.format import CODEC_NAMES
 from kvstore.metadata import plain, sanitize, sane_time, unix_time
@@ -30,7 +30,6 @@ from kvstore.records import RecordSpec, corrupt
 from kvstore.state import KVState, ModelFingerprint
 
 KIND = "kvtrace-snapshot"
-ROLES = ("key", "value")
 SLIDING = "sliding_attention"
 LAYER_FIELDS = {"key", "value", "entries", "head_positions", "head_scores"}
 

@@ -26,7 +26,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from kvstore.codecs import Codec
+from kvstore.codecs import ROLES, Codec
 from kvstore.compression import compress
 from kvstore.header import Header
 from kvstore.records import Record, read_payload
@@ -126,7 +126,7 @@ def decode_records(fd: int, header: Header, records: list[Record], threads: int,
 
     count = len(header.layers)
     outputs = {role: [empty(header.shape(layer, role), header.dtype, pin) for layer in range(count)]
-               for role in ("key", "value")}
+               for role in ROLES}
     tables = {"positions": [None] * count, "scores": [None] * count}
     for layer, spec in enumerate(header.layers):
         if spec.head_positions:
@@ -156,7 +156,7 @@ def decode_records(fd: int, header: Header, records: list[Record], threads: int,
 
     tasks = [lambda r=record: decode(r) for record in records]
     moved = {role: list(tensors) for role, tensors in outputs.items()}
-    for record, _ in zip(records, in_order(tasks, threads)):
+    for record, _ in zip(records, in_order(tasks, threads), strict=True):
         if device.type != "cpu" and record.spec.kind in moved:
             layer = record.spec.layer
             moved[record.spec.kind][layer] = outputs[record.spec.kind][layer].to(device, non_blocking=pin)

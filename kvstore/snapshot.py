@@ -21,7 +21,7 @@ import torch
 
 from kvstore import format as fmt
 from kvstore.atomic import atomic_writer
-from kvstore.codecs import DTYPE_NAMES, make_codec
+from kvstore.codecs import DTYPE_NAMES, ROLES, make_codec
 from kvstore.errors import FingerprintMismatch, SnapshotError
 from kvstore.header import Header, decode_header, encode_header
 from kvstore.pipeline import decode_records, default_threads, encoded_frames
@@ -209,7 +209,7 @@ def _threads_within(header: Header, specs: list[RecordSpec], budget: int, thread
         raise SnapshotError(f"{too_big[0].name} declares {_size(too_big[0].decoded)} of data, more than the "
                             f"format's {_size(fmt.MAX_PAYLOAD_BYTES)} per record")
     work = max((header.codec.work_bytes(header.shape(layer, role), header.dtype, role)
-                for layer in range(len(header.layers)) for role in ("key", "value")), default=0)
+                for layer in range(len(header.layers)) for role in ROLES), default=0)
     work = max(work, max((12 * spec.key[0] * spec.entries for spec in header.layers), default=0))  # u32 to int64
     need = header.state_bytes
     if need + work > budget:
