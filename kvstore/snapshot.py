@@ -22,7 +22,7 @@ import torch
 from kvstore import format as fmt
 from kvstore.atomic import atomic_writer
 from kvstore.codecs import DTYPE_NAMES, ROLES, make_codec
-from kvstore.errors import FingerprintMismatch, SnapshotError
+from kvstore.errors import FingerprintMismatch, SnapshotError, one_line
 from kvstore.header import Header, decode_header, encode_header
 from kvstore.pipeline import decode_records, default_threads, encoded_frames
 from kvstore.records import RecordSpec, corrupt, locate_records, read_header, write_header, write_record
@@ -206,8 +206,8 @@ def _threads_within(header: Header, specs: list[RecordSpec], budget: int, thread
     """
     too_big = [spec for spec in specs if spec.decoded > fmt.MAX_PAYLOAD_BYTES]
     if too_big:
-        raise SnapshotError(f"{too_big[0].name} declares {_size(too_big[0].decoded)} of data, more than the "
-                            f"format's {_size(fmt.MAX_PAYLOAD_BYTES)} per record")
+        raise SnapshotError(f"the snapshot declares {_size(too_big[0].decoded)} for {too_big[0].name}, more than "
+                            f"the format's {_size(fmt.MAX_PAYLOAD_BYTES)} per record")
     work = max((header.codec.work_bytes(header.shape(layer, role), header.dtype, role)
                 for layer in range(len(header.layers)) for role in ROLES), default=0)
     work = max(work, max((12 * spec.key[0] * spec.entries for spec in header.layers), default=0))  # u32 to int64
@@ -229,7 +229,7 @@ def _device(device: str | torch.device | None) -> torch.device:
     try:
         target = torch.device(device or "cpu")
     except (RuntimeError, TypeError) as error:
-        raise SnapshotError(f"cannot load onto {device!r}: {error}") from None
+        raise SnapshotError(f"cannot load onto {device!r}: {one_line(error)}") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise SnapshotError(f"cannot load onto {target}: this torch has no usable CUDA device")
     return target
