@@ -1,11 +1,15 @@
 """Codecs: how one layer's K or V tensor becomes the bytes of one payload, and back.
 
-A codec turns a ``(kv_heads, seq, head_dim)`` tensor into uint8 chunks that are
+A codec turns a ``(kv_heads, n, head_dim)`` tensor into uint8 chunks that are
 compressed together as one zstd frame. The decoded payload size follows from
 the header alone (``payload_size``), so a reader knows exactly how many bytes
-to expect before it decompresses anything.
+to expect before it decompresses anything, and decoding writes into a tensor
+the reader allocated up front (``decode_into``).
 
 * ``lossless``: the tensor's own bytes, byte-shuffled. Bit exact for any dtype.
+* ``raw``: the tensor's own bytes as they are, at zstd's fastest level: bit
+  exact, larger files, and the reader decompresses straight into the output
+  tensor (no shuffle, no intermediate buffer). The speed end of the trade-off.
 * ``fp16`` / ``bf16``: cast, then byte-shuffled.
 * ``int8``: keys quantized per channel (asymmetric, one scale and zero per
   head and channel over all tokens: keys carry per-channel outliers), values
@@ -26,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kvstore.compression import shuffle, unshuffle
+from kvstore.compression import ZSTD_LEVEL, shuffle, unshuffle, unshuffle_into
 from kvstore.errors import SnapshotError
 from kvstore.format import CODEC_NAMES
 
@@ -40,6 +44,8 @@ ROLES = ("key", "value")
 DEFAULT_INT4_SINKS = 4
 DEFAULT_INT4_RECENT = 32
 DEFAULT_INT4_KEY_GROUP = 256
+MAX_CODEC_PARAM = 1 << 22  # sinks, recent and key_group beyond any sequence a snapshot can hold
+RAW_ZSTD_LEVEL = -1  # measured in bench/snapshot.py: see the README's frontier table
 _FP16_MAX = 65504.0
 
 
@@ -49,21 +55,38 @@ def _nbytes(count: int, dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class CastCodec:
-    """Store the tensor in ``store`` dtype, byte-shuffled (``None``: its own dtype, lossless)."""
+    """Store the tensor in ``store`` dtype (``None``: its own dtype, lossless), shuffled or as is."""
 
     name: str
     store: torch.dtype | None
+    shuffled: bool = True
+    level: int = ZSTD_LEVEL
     params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def direct(self) -> bool:
+        """The payload is exactly the output tensor's bytes: decompress straight into it."""
+        return self.store is None and not self.shuffled
 
     def payload_size(self, shape: tuple[int, int, int], dtype: torch.dtype, role: str) -> int:
         return _nbytes(shape[0] * shape[1] * shape[2], self.store or dtype)
 
-    def encode(self, x: torch.Tensor, role: str) -> list[torch.Tensor]:
-        return [shuffle(x if self.store is None else x.to(self.store))]
+    def work_bytes(self, shape: tuple[int, int, int], dtype: torch.dtype, role: str) -> int:
+        """Transient memory of one decode besides its output: the payload buffer and a cast's copy."""
+        if self.direct:
+            return 0
+        size = self.payload_size(shape, dtype, role)
+        return size if self.store is None else 2 * size
 
-    def decode(self, data: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype,
-               role: str) -> torch.Tensor:
-        return unshuffle(data, self.store or dtype, shape).to(dtype)
+    def encode(self, x: torch.Tensor, role: str) -> list[torch.Tensor]:
+        stored = x if self.store is None else x.to(self.store)
+        return [shuffle(stored) if self.shuffled else stored.contiguous().reshape(-1).view(torch.uint8)]
+
+    def decode_into(self, data: torch.Tensor, out: torch.Tensor, role: str) -> None:
+        if self.store is None:
+            unshuffle_into(data, out)
+        else:
+            out.copy_(unshuffle(data, self.store, tuple(out.shape)))
 
 
 @dataclass(frozen=True)
@@ -75,13 +98,16 @@ class QuantCodec:
     sinks: int = 0
     recent: int = 0
     key_group: int = 0  # tokens sharing one key scale per channel; 0 = all quantized tokens
+    level: int = ZSTD_LEVEL
+    direct = False
 
     @property
     def params(self) -> dict[str, Any]:
         return {"sinks": self.sinks, "recent": self.recent, "key_group": self.key_group}
 
-    def _key_groups(self, middle: int) -> int:
-        return -(-middle // self.key_group) if self.key_group else 1
+    def _group(self, middle: int) -> int:
+        """Tokens per key group; a group larger than the quantized block is the block itself."""
+        return min(self.key_group, middle) if self.key_group else middle
 
     def _split(self, seq: int) -> tuple[int, int, int]:
         """Entries kept exact at the start, quantized in the middle, exact at the end."""
@@ -96,9 +122,15 @@ class QuantCodec:
         if middle:
             codes = heads * middle * dim
             size += codes if self.bits == 8 else (codes + 1) // 2
-            scales = 2 * heads * dim * self._key_groups(middle) if role == "key" else heads * middle
+            groups = -(-middle // self._group(middle))
+            scales = 2 * heads * dim * groups if role == "key" else heads * middle
             size += _nbytes(scales, torch.float16)
         return size
+
+    def work_bytes(self, shape: tuple[int, int, int], dtype: torch.dtype, role: str) -> int:
+        """The payload buffer plus float32 intermediates of the quantized block (codes, scale, zero, body)."""
+        heads, seq, dim = shape
+        return self.payload_size(shape, dtype, role) + 16 * heads * self._split(seq)[1] * dim
 
     def encode(self, x: torch.Tensor, role: str) -> list[torch.Tensor]:
         head, middle, tail = self._split(x.shape[1])
@@ -106,7 +138,7 @@ class QuantCodec:
         if middle:
             body = x[:, head:head + middle].float()
             if role == "key":
-                size = self.key_group or middle
+                size = self._group(middle)
                 groups = [self._quantize_asym(body[:, g:g + size], dim=1) for g in range(0, middle, size)]
                 codes = torch.cat([g[0] for g in groups], dim=1)
                 extra = [torch.cat([g[1] for g in groups], dim=1), torch.cat([g[2] for g in groups], dim=1)]
@@ -117,9 +149,8 @@ class QuantCodec:
             chunks.extend(shuffle(s) for s in extra)
         return chunks
 
-    def decode(self, data: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype,
-               role: str) -> torch.Tensor:
-        heads, seq, dim = shape
+    def decode_into(self, data: torch.Tensor, out: torch.Tensor, role: str) -> None:
+        heads, seq, dim = out.shape
         head, middle, tail = self._split(seq)
         offset = 0
 
@@ -129,28 +160,24 @@ class QuantCodec:
             offset += nbytes
             return piece
 
-        first = unshuffle(take(_nbytes(heads * head * dim, dtype)), dtype, (heads, head, dim))
-        last = unshuffle(take(_nbytes(heads * tail * dim, dtype)), dtype, (heads, tail, dim))
+        out[:, :head] = unshuffle(take(_nbytes(heads * head * dim, out.dtype)), out.dtype, (heads, head, dim))
+        out[:, seq - tail:] = unshuffle(take(_nbytes(heads * tail * dim, out.dtype)), out.dtype, (heads, tail, dim))
         if not middle:
-            return torch.cat([first, last], dim=1)
+            return
         count = heads * middle * dim
         codes = self._unpack(take(count if self.bits == 8 else (count + 1) // 2), count)
-        codes = codes.reshape(heads, middle, dim)
+        body = codes.reshape(heads, middle, dim).float()
         if role == "key":
-            groups = self._key_groups(middle)
-            size = self.key_group or middle
-
-            def per_token() -> torch.Tensor:
-                grouped = unshuffle(take(2 * heads * dim * groups), torch.float16, (heads, groups, dim))
-                return grouped.float().repeat_interleave(size, dim=1)[:, :middle]
-
-            scale = per_token()
-            zero = per_token()
-            body = codes.float() * scale + zero
+            size = self._group(middle)
+            groups = -(-middle // size)
+            group_of = torch.arange(middle) // size  # middle entry t uses group t // size
+            scale = unshuffle(take(2 * heads * dim * groups), torch.float16, (heads, groups, dim))
+            zero = unshuffle(take(2 * heads * dim * groups), torch.float16, (heads, groups, dim))
+            body.mul_(scale.float().index_select(1, group_of)).add_(zero.float().index_select(1, group_of))
         else:
             scale = unshuffle(take(2 * heads * middle), torch.float16, (heads, middle, 1)).float()
-            body = (codes.float() - self._sym_offset) * scale
-        return torch.cat([first, body.to(dtype), last], dim=1)
+            body.sub_(self._sym_offset).mul_(scale)
+        out[:, head:head + middle] = body
 
     @property
     def _levels(self) -> int:
@@ -194,20 +221,24 @@ Codec = CastCodec | QuantCodec
 
 
 def make_codec(name: str, params: dict[str, Any] | None = None) -> Codec:
-    """The codec called ``name``; ``params`` (from a header) must be the ones it uses."""
+    """The codec called ``name``; ``params`` (from a header) must be the ones it uses.
+
+    ``SnapshotError`` for an unknown name; ``ValueError`` for parameters the
+    codec does not take or values out of range (the header reader reports it
+    as a corrupt file).
+    """
     params = dict(params or {})
-    if name in ("lossless", "fp16", "bf16"):
+    if name in ("lossless", "raw", "fp16", "bf16"):
         if params:
-            raise SnapshotError(f"The snapshot is corrupt: codec {name} takes no parameters.")
-        store = {"lossless": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-        return CastCodec(name, store)
+            raise ValueError(f"codec {name} takes no parameters")
+        if name == "raw":
+            return CastCodec(name, None, shuffled=False, level=RAW_ZSTD_LEVEL)
+        return CastCodec(name, {"lossless": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name])
     if name in ("int8", "int4"):
         default = (0, 0, 0) if name == "int8" else (DEFAULT_INT4_SINKS, DEFAULT_INT4_RECENT, DEFAULT_INT4_KEY_GROUP)
         values = [params.pop(key, d) for key, d in zip(("sinks", "recent", "key_group"), default)]
-        if params or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 22
+        if params or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CODEC_PARAM
                              for v in values):
-            raise SnapshotError(f"The snapshot is corrupt: bad parameters for codec {name}.")
+            raise ValueError(f"bad parameters for codec {name}")
         return QuantCodec(name, 8 if name == "int8" else 4, *values)
-    raise SnapshotError(
-        f"Unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}."
-    )
+    raise SnapshotError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")

@@ -1,4 +1,15 @@
-"""Errors a user can cause with a snapshot: each carries one clear, complete sentence."""
+"""Errors a user can cause with a snapshot: each carries one clear line.
+
+Messages share one voice across the package: a lowercase sentence fragment
+without a trailing period, naming the user's path where there is one (the
+command line prints ``kvtrace: error: <message>``).
+"""
+
+from __future__ import annotations
+
+import re
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x1f\x7f]")
 
 
 class SnapshotError(Exception):
@@ -11,3 +22,9 @@ class FingerprintMismatch(SnapshotError):
 
 class PruneError(SnapshotError):
     """Pruning arguments that make no sense, or that this snapshot cannot satisfy."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of a foreign exception's text, without terminal escapes (or its type's name)."""
+    text = str(error).strip()
+    return _ESCAPES.sub("", text.splitlines()[0]) if text else type(error).__name__

@@ -1,17 +1,18 @@
 """Save, load and describe ``.kvs`` snapshot files.
 
-Writing streams one payload at a time (a layer's K, then its V) into an atomic
-temporary file, so memory holds at most one compressed payload beyond the
-state itself. Reading checks the magic, version and header checksum, validates
-the header, then reads each payload only after checking its declared length
-against the bytes left in the file, verifies its checksum, and decompresses it
-to exactly the size the header implies.
+Writing encodes and compresses the records on a thread pool and streams them,
+in file order, into an atomic temporary file. Reading checks the magic,
+version and header checksum, validates the header (fields, their agreement
+with each other and with the fingerprint), compares the fingerprint with the
+expected model, checks the decoded size against a memory budget and every
+record's length against the file, and only then allocates the output tensors
+and decodes the payloads into them in parallel, each to exactly the size the
+header implies.
 """
 
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,10 +21,12 @@ import torch
 
 from kvstore import format as fmt
 from kvstore.atomic import atomic_writer
-from kvstore.codecs import DTYPE_NAMES, make_codec
-from kvstore.compression import compress, decompress
-from kvstore.errors import FingerprintMismatch, SnapshotError
+from kvstore.codecs import DTYPE_NAMES, ROLES, make_codec
+from kvstore.errors import FingerprintMismatch, SnapshotError, one_line
 from kvstore.header import Header, decode_header, encode_header
+from kvstore.pipeline import decode_records, default_threads, encoded_frames
+from kvstore.records import RecordSpec, corrupt, locate_records, read_header, write_header, write_record
+from kvstore.safe_io import open_regular
 from kvstore.state import KVState, ModelFingerprint
 
 
@@ -41,11 +44,16 @@ class SnapshotInfo:
     positions: list[int] = field(repr=False)
     metadata: dict[str, Any] = field(repr=False)
     label: str
-    created: float
+    created: float  # Unix seconds; 0.0 when the file does not say (or says something absurd)
     num_layers: int
     has_attention_scores: bool
     raw_bytes: int  # the K/V tensors uncompressed, in their own dtype
     file_bytes: int
+    layer_entries: list[int] = field(repr=False)  # entries per layer (a sliding-window layer holds its window)
+    per_head: bool = False  # some layer stores per-head positions (per-head pruning)
+    has_head_scores: bool = False
+    trace_bytes: int | None = None  # size of the stored trace; None: no trace
+    state_bytes: int = 0  # memory the decoded state takes (what load's max_bytes is compared with)
 
     @property
     def cache_length(self) -> int:
@@ -61,40 +69,44 @@ class SnapshotInfo:
         return self.file_bytes / self.raw_bytes if self.raw_bytes else 0.0
 
 
-def save(state: KVState, path: str | os.PathLike[str], *, codec: str = "lossless") -> int:
-    """Write ``state`` to ``path`` atomically; returns the bytes written."""
+def save(state: KVState, path: str | os.PathLike[str], *, codec: str = fmt.DEFAULT_CODEC,
+         threads: int | None = None) -> int:
+    """Write ``state`` to ``path`` atomically (format version 2); returns the bytes written.
+
+    ``path`` may be a new file, an existing regular file or a symlink to one
+    (its target is replaced); see ``kvstore.atomic``. ``threads`` compress
+    payloads in parallel (default: one per core, at most 8).
+    """
     try:
         state.validate()
     except ValueError as error:
-        raise SnapshotError(f"Cannot save an inconsistent KV state: {error}.") from None
+        raise SnapshotError(f"cannot save an inconsistent kv state: {error}") from None
+    if state.trace is not None and len(state.trace) > fmt.MAX_TRACE_BYTES:
+        raise SnapshotError(f"cannot save a trace of {len(state.trace)} bytes: the format allows "
+                            f"{fmt.MAX_TRACE_BYTES}")
     chosen = make_codec(codec)
-    header_bytes, _ = encode_header(state, chosen)
-    written = 0
+    header = encode_header(state, chosen)
     with atomic_writer(path) as out:
-        preamble = fmt.PREAMBLE.pack(fmt.MAGIC, fmt.FORMAT_VERSION, 0, len(header_bytes))
-        out.write(preamble)
-        out.write(header_bytes)
-        out.write(fmt.CHECKSUM.pack(zlib.crc32(header_bytes, zlib.crc32(preamble))))
-        written += len(preamble) + len(header_bytes) + fmt.CHECKSUM.size
-        for key, value in zip(state.keys, state.values):
-            for role, tensor in (("key", key), ("value", value)):
-                payload = compress(chosen.encode(tensor.detach().cpu(), role))
-                out.write(fmt.RECORD.pack(len(payload), zlib.crc32(payload)))
-                out.write(payload)
-                written += fmt.RECORD.size + len(payload)
+        written = write_header(out, header)
+        for frame in encoded_frames(state, chosen, threads or default_threads()):
+            written += write_record(out, frame)
         out.write(fmt.END_MARKER)
         written += len(fmt.END_MARKER)
     return written
 
 
 def read_info(path: str | os.PathLike[str]) -> SnapshotInfo:
-    """The header of the snapshot at ``path`` (checksummed and validated), no payloads."""
-    with _open(path) as f:
+    """The header of the snapshot at ``path`` (checksummed and validated); no payload is read.
+
+    Fast and header-only: damage in the payloads shows only in
+    ``kvstore.verify.verify`` or ``load``.
+    """
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
-        version, header = _read_header(f, size)
+        header, _ = _header(f, size, path)
     return SnapshotInfo(
         path=Path(path),
-        format_version=version,
+        format_version=header.version,
         codec=header.codec.name,
         codec_params=dict(header.codec.params),
         dtype=DTYPE_NAMES[header.dtype],
@@ -104,10 +116,15 @@ def read_info(path: str | os.PathLike[str]) -> SnapshotInfo:
         metadata=header.metadata,
         label=header.label,
         created=header.created,
-        num_layers=len(header.layer_shapes),
+        num_layers=len(header.layers),
         has_attention_scores=header.attention_scores is not None,
         raw_bytes=header.raw_bytes,
         file_bytes=size,
+        layer_entries=[spec.entries for spec in header.layers],
+        per_head=any(spec.head_positions for spec in header.layers),
+        has_head_scores=any(spec.head_scores for spec in header.layers),
+        trace_bytes=header.trace_bytes,
+        state_bytes=header.state_bytes,
     )
 
 
@@ -115,51 +132,53 @@ def load(
     path: str | os.PathLike[str],
     *,
     expected: ModelFingerprint | None = None,
-    max_bytes: int = fmt.DEFAULT_MAX_STATE_BYTES,
+    max_bytes: int | None = None,
+    max_tokens: int | None = None,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
 ) -> KVState:
-    """Read a snapshot; refuse it (``FingerprintMismatch``) when made by another model.
+    """Read a snapshot, refusing it before any payload is decoded when it cannot fit.
 
-    ``max_bytes`` bounds the decoded state: a larger declaration is refused
-    before anything is allocated.
+    * ``expected``: the model's fingerprint; another model's snapshot raises
+      ``FingerprintMismatch``.
+    * ``max_bytes``: memory budget for the decoded state plus the decoders'
+      buffers (default ``format.default_max_bytes()``: 8 GiB or half the
+      physical memory); fewer threads are used when that lets a load fit.
+    * ``max_tokens``: refuse transcripts longer than this (the model's context).
+    * ``device``: where K and V end up (default CPU); for CUDA they are decoded
+      into pinned memory and copied asynchronously, layer by layer.
+    * ``threads``: decoding threads (default one per core, at most 8).
     """
-    with _open(path) as f:
+    target = _device(device)
+    budget = fmt.default_max_bytes() if max_bytes is None else max_bytes
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
-        _, header = _read_header(f, size)
+        header, start = _header(f, size, path)
         if expected is not None:
             check_fingerprint(header.fingerprint, expected)
-        sizes = header.payload_sizes()
-        too_big = [s for _, _, s in sizes if s > fmt.MAX_PAYLOAD_BYTES]
-        if too_big or sum(s for _, _, s in sizes) > max_bytes:
-            raise SnapshotError(
-                f"The snapshot declares {sum(s for _, _, s in sizes)} bytes of K/V data, more than "
-                f"this reader accepts ({min(max_bytes, fmt.MAX_PAYLOAD_BYTES * len(sizes))})."
-            )
-        tensors: dict[str, list[torch.Tensor]] = {"key": [], "value": []}
-        for layer, role, expected_size in sizes:
-            what = f"layer {layer} {role}s"
-            frame = _read_record(f, size, what)
-            data = decompress(frame, expected_size, what)
-            del frame
-            tensors[role].append(
-                header.codec.decode(data, header.shape(layer, role), header.dtype, role)
-            )
-        if _read_exact(f, len(fmt.END_MARKER), size, "the end marker") != fmt.END_MARKER:
-            raise _corrupt("the end marker is wrong")
-        if f.read(1):
-            raise _corrupt("there are extra bytes after the end marker")
+        if max_tokens is not None and len(header.token_ids) > max_tokens:
+            raise SnapshotError(f"the snapshot's transcript is {len(header.token_ids)} tokens long, more than "
+                                f"the {max_tokens} tokens the model takes")
+        specs = header.records()
+        threads = _threads_within(header, specs, budget, threads or default_threads())
+        records = locate_records(f.fileno(), start, size, specs)
+        decoded = decode_records(f.fileno(), header, records, threads, target)
     state = KVState(
-        keys=tensors["key"],
-        values=tensors["value"],
+        keys=decoded.keys,
+        values=decoded.values,
         token_ids=header.token_ids,
         positions=header.positions,
         fingerprint=header.fingerprint,
         attention_scores=header.attention_scores,
         metadata=header.metadata,
+        head_positions=decoded.head_positions,
+        head_scores=decoded.head_scores,
+        trace=decoded.trace,
     )
     try:
         state.validate()
     except ValueError as error:
-        raise _corrupt(str(error)) from None
+        raise corrupt(str(error)) from None
     return state
 
 
@@ -168,61 +187,49 @@ def check_fingerprint(found: ModelFingerprint, expected: ModelFingerprint) -> No
     differences = expected.differences(found)
     if differences:
         raise FingerprintMismatch(
-            f"The snapshot was made by another model ({found.model_id}, not {expected.model_id}): "
-            + "; ".join(differences) + "."
+            f"the snapshot was made by another model ({found.model_id}, not {expected.model_id}): "
+            + "; ".join(differences)
         )
 
 
-def _open(path: str | os.PathLike[str]) -> BinaryIO:
+def _header(f: BinaryIO, size: int, path: str | os.PathLike[str]) -> tuple[Header, int]:
+    """The validated header and the offset of the first record."""
+    version, data, start = read_header(f, size, path)
+    return decode_header(data, version), start
+
+
+def _threads_within(header: Header, specs: list[RecordSpec], budget: int, threads: int) -> int:
+    """As many threads (up to ``threads``) as the memory budget allows; ``SnapshotError`` if not even one.
+
+    The budget covers the decoded state and, per thread, the largest decode's
+    transient buffers.
+    """
+    too_big = [spec for spec in specs if spec.decoded > fmt.MAX_PAYLOAD_BYTES]
+    if too_big:
+        raise SnapshotError(f"the snapshot declares {_size(too_big[0].decoded)} for {too_big[0].name}, more than "
+                            f"the format's {_size(fmt.MAX_PAYLOAD_BYTES)} per record")
+    work = max((header.codec.work_bytes(header.shape(layer, role), header.dtype, role)
+                for layer in range(len(header.layers)) for role in ROLES), default=0)
+    work = max(work, max((12 * spec.key[0] * spec.entries for spec in header.layers), default=0))  # u32 to int64
+    need = header.state_bytes
+    if need + work > budget:
+        raise SnapshotError(f"loading the snapshot needs {_size(need + work)} of memory, more than the "
+                            f"limit of {_size(budget)}")
+    threads = max(1, min(threads, len(specs)))
+    while threads > 1 and need + threads * work > budget:
+        threads -= 1
+    return threads
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 1 << 30 else f"{count / 2**20:.1f} MiB"
+
+
+def _device(device: str | torch.device | None) -> torch.device:
     try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise SnapshotError(f"No snapshot at {path}.") from None
-    except IsADirectoryError:
-        raise SnapshotError(f"{path} is a folder, not a snapshot file.") from None
-    except PermissionError:
-        raise SnapshotError(f"Permission denied reading {path}.") from None
-
-
-def _read_header(f: BinaryIO, size: int) -> tuple[int, Header]:
-    preamble = f.read(fmt.PREAMBLE.size)
-    if len(preamble) < fmt.PREAMBLE.size or not preamble.startswith(fmt.MAGIC):
-        if preamble[: len(fmt.MAGIC)] == fmt.MAGIC[: len(preamble)] and preamble:
-            raise _corrupt("the file is truncated inside its preamble")
-        raise SnapshotError(f"{getattr(f, 'name', 'The file')} is not a kvtrace snapshot (wrong magic bytes).")
-    _, version, flags, header_len = fmt.PREAMBLE.unpack(preamble)
-    if version != fmt.FORMAT_VERSION:
-        raise SnapshotError(
-            f"The snapshot has format version {version}; this kvtrace reads version {fmt.FORMAT_VERSION}."
-        )
-    if flags != 0:
-        raise _corrupt(f"unknown flags {flags:#x} in the preamble")
-    if header_len > fmt.MAX_HEADER_BYTES:
-        raise _corrupt(f"the declared header length {header_len} exceeds the limit {fmt.MAX_HEADER_BYTES}")
-    header_bytes = _read_exact(f, header_len, size, "the header")
-    (checksum,) = fmt.CHECKSUM.unpack(_read_exact(f, fmt.CHECKSUM.size, size, "the header checksum"))
-    if checksum != zlib.crc32(header_bytes, zlib.crc32(preamble)):
-        raise _corrupt("the header checksum does not match")
-    return version, decode_header(header_bytes)
-
-
-def _read_record(f: BinaryIO, size: int, what: str) -> bytes:
-    length, checksum = fmt.RECORD.unpack(_read_exact(f, fmt.RECORD.size, size, f"the record of {what}"))
-    payload = _read_exact(f, length, size, what)
-    if zlib.crc32(payload) != checksum:
-        raise _corrupt(f"the checksum of {what} does not match")
-    return payload
-
-
-def _read_exact(f: BinaryIO, count: int, size: int, what: str) -> bytes:
-    """``count`` bytes, after checking that the file still holds that many."""
-    if count > size - f.tell():
-        raise _corrupt(f"the file is truncated or declares too long a length for {what}")
-    data = f.read(count)
-    if len(data) != count:
-        raise _corrupt(f"the file is truncated in {what}")
-    return data
-
-
-def _corrupt(reason: str) -> SnapshotError:
-    return SnapshotError(f"The snapshot is corrupt: {reason}.")
+        target = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as error:
+        raise SnapshotError(f"cannot load onto {device!r}: {one_line(error)}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise SnapshotError(f"cannot load onto {target}: this torch has no usable CUDA device")
+    return target

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -77,7 +78,7 @@ def test_wrong_magic_and_version(tmp_path, good):
     with pytest.raises(SnapshotError, match="not a kvtrace snapshot"):
         load_bytes(tmp_path, b"\x89PNG\r\n\x1a\n" + good[8:])
     newer = fmt.PREAMBLE.pack(fmt.MAGIC, fmt.FORMAT_VERSION + 1, 0, 0) + good[fmt.PREAMBLE.size:]
-    with pytest.raises(SnapshotError, match="format version 2"):
+    with pytest.raises(SnapshotError, match=f"format version {fmt.FORMAT_VERSION + 1}"):
         load_bytes(tmp_path, newer)
 
 
@@ -95,8 +96,9 @@ def test_huge_declared_lengths(tmp_path, good):
     with pytest.raises(SnapshotError, match="too long a length"):
         load_bytes(tmp_path, rebuild(msgpack.packb(doc), huge_record))
     for field, value in [
-        ("layer_shapes", [[1024, 16384, 1024, 16384]] * 3),  # 64 GiB per layer: over the reader's limits
-        ("layer_shapes", [[2**40, 8, 2, 8]] * 3),
+        ("layers", [{**doc["layers"][0], "key": [1024, 16384], "value": [1024, 16384]}] * 3),  # 64 GiB a layer
+        ("layers", [{**doc["layers"][0], "key": [2**40, 8]}] * 3),
+        ("layers", [{**doc["layers"][0], "entries": 2**40}] * 3),
         ("token_ids", b"\0" * 4 * (fmt.MAX_TOKENS + 1)),
         ("positions", b"\0\0\0"),
     ]:
@@ -163,7 +165,7 @@ def test_pickle_and_torch_files_renamed_kvs(tmp_path):
 
 
 def test_missing_empty_and_folder_paths(tmp_path):
-    with pytest.raises(SnapshotError, match="No snapshot"):
+    with pytest.raises(SnapshotError, match="no snapshot"):
         snapshot.load(tmp_path / "absent.kvs")
     with pytest.raises(SnapshotError, match="folder"):
         snapshot.read_info(tmp_path)
@@ -199,28 +201,35 @@ def test_a_save_killed_halfway_leaves_the_earlier_snapshot(tmp_path):
         sys.path.insert(0, {str(REPO / "tests")!r})
         from kvstore import snapshot
         from kvstore_factory import make_state
-        real = snapshot.compress
+        from kvstore import pipeline
+        real = pipeline.compress
         calls = []
-        def slow_compress(chunks):
+        def slow_compress(chunks, level):
             calls.append(1)
             if len(calls) == 3:  # layer 1 of 3: halfway through the payloads
                 print("halfway", flush=True)
                 time.sleep(60)
-            return real(chunks)
-        snapshot.compress = slow_compress
+            return real(chunks, level)
+        pipeline.compress = slow_compress
         snapshot.save(make_state(length=4000, seed=8), {str(path)!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "halfway"
-        temps = [p for p in tmp_path.iterdir() if p.name != "s.kvs"]
-        assert temps and temps[0].stat().st_size > 0  # the new snapshot streams into a temporary
+        deadline = time.monotonic() + 10
+        while not (temps := [p for p in tmp_path.iterdir() if p.name != "s.kvs" and p.stat().st_size]):
+            assert time.monotonic() < deadline, "the save never streamed into a temporary"
+            time.sleep(0.05)  # other threads are still writing the earlier records
         proc.kill()
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert path.read_bytes() == before
+    assert temps[0].exists()  # what a killed save leaves behind ...
+    snapshot.save(earlier, path)
+    assert not temps[0].exists()  # ... the next save to the same target removes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.kvs"]
     loaded = snapshot.load(path)
     assert loaded.token_ids == earlier.token_ids
     assert torch.equal(loaded.keys[2], earlier.keys[2])

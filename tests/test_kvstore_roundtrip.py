@@ -107,7 +107,7 @@ def test_refused_saves_leave_the_existing_file_untouched(tmp_path):
     broken.positions = broken.positions[::-1]
     with pytest.raises(SnapshotError, match="inconsistent"):
         snapshot.save(broken, path)
-    with pytest.raises(SnapshotError, match="Unknown codec"):
+    with pytest.raises(SnapshotError, match="unknown codec"):
         snapshot.save(make_state(), path, codec="zip")
     unserialisable = make_state()
     unserialisable.metadata["callback"] = object()

@@ -87,7 +87,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir, tiny_gpt2_dir,
     (tmp_path / "p.kvs").write_bytes(pickle.dumps({"a": 1}))
     out = tmp_path / "out.kvs"
     cases = [
-        (("resume", tmp_path / "missing.kvs"), ["No snapshot"]),
+        (("resume", tmp_path / "missing.kvs"), ["no snapshot"]),
         (("resume", tmp_path / "cut.kvs", "--model", tiny_llama_dir), ["corrupt"]),
         (("resume", saved, "--model", tiny_gpt2_dir, "-o", out), ["another model", "architecture"]),
         (("resume", saved, "--steps", -3), ["--steps"]),
