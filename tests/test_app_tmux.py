@@ -56,7 +56,7 @@ def test_type_save_quit_in_tmux(tmp_path):
         tmux("send-keys", "-t", name, "-l", str(path))
         tmux("send-keys", "-t", name, "Enter")
         saved = wait_for(name, lambda s: "Saved" in s, timeout=60)
-        assert f"{path.stat().st_size:,} B" in " ".join(saved.split())
+        assert f"{path.stat().st_size:,} bytes" in " ".join(saved.split())
         tmux("send-keys", "-t", name, "q")
         deadline = time.monotonic() + 30
         while tmux("has-session", "-t", name).returncode == 0 and time.monotonic() < deadline:
