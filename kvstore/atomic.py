@@ -64,8 +64,16 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 
 
 def output_target(path: str | os.PathLike[str]) -> Path:
-    """The file a write to ``path`` replaces (symlinks followed); ``SnapshotError`` for anything but a file."""
+    """The file a write to ``path`` replaces (symlinks followed); ``SnapshotError`` when it cannot be written.
+
+    Callers use it before slow work too (loading a model, generating), so a typo in an output path
+    costs nothing: anything but a new path or a regular file in an existing, writable folder is refused.
+    """
     target = Path(os.path.realpath(path))
+    if not target.parent.is_dir():
+        raise SnapshotError(f"cannot write {path}: the folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise SnapshotError(f"cannot write {path}: the folder {target.parent} is not writable")
     try:
         mode = target.stat().st_mode
     except FileNotFoundError:

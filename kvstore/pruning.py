@@ -115,7 +115,10 @@ class PruneSpec:
 
     def apply(self, state: KVState) -> KVState:
         """A new state keeping what ``select`` chooses."""
-        return state.select(self.select(state.positions, state.next_position, state.attention_scores))
+        try:
+            return state.select(self.select(state.positions, state.next_position, state.attention_scores))
+        except ValueError as error:  # a per-head state whose heads would keep different numbers of entries
+            raise PruneError(f"cannot prune this state by position: {error}") from None
 
 
 def keep_last(state: KVState, n: int) -> KVState:

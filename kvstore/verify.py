@@ -29,6 +29,11 @@ class VerifyReport:
     decoded_bytes: int  # bytes the payloads decompressed to (0 unless deep)
     deep: bool
 
+    def describe(self) -> str:
+        """``every checksum of 62 records (1.2 MB) matches`` (and, deep, that every payload decodes)."""
+        text = f"every checksum of {self.records} records ({self.stored_bytes:,} bytes) matches"
+        return text + (f"; every payload decodes ({self.decoded_bytes:,} bytes)" if self.deep else "")
+
 
 def verify(path: str | os.PathLike[str], *, deep: bool = False, threads: int | None = None) -> VerifyReport:
     """Check every record of the snapshot at ``path``; ``SnapshotError`` naming the first damaged one.

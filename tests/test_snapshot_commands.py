@@ -220,3 +220,29 @@ def test_resume_samples_with_the_snapshots_settings_unless_flags_override(tiny_l
     assert kvtrace_here(capsys, "resume", path, "--steps", 7, "--model", tiny_llama_dir, "--temperature", "0",
                         "--dump", tmp_path / "greedy.jsonl").returncode == 0
     assert dumped_tokens(tmp_path / "greedy.jsonl") == [r.token_id for r in greedy.records]
+
+
+def test_info_checks_every_record_and_names_the_damage(tiny_llama_dir, tmp_path, capsys):
+    session = TraceSession(load_model(str(tiny_llama_dir)))
+    session.start_turn("Why is the sky blue?")
+    path = tmp_path / "s.kvs"
+    snapshot.save(session.export_state(), path)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x10  # a bit inside the last payload
+    damaged = tmp_path / "damaged.kvs"
+    damaged.write_bytes(bytes(data))
+    assert "checked:  every checksum of" in kvtrace_here(capsys, "info", path).stdout
+    assert_one_line_error(kvtrace_here(capsys, "info", damaged), "corrupt", "does not match")
+    assert_one_line_error(kvtrace_here(capsys, "info", damaged, "--deep"), "corrupt")
+    header_only = kvtrace_here(capsys, "info", damaged, "--header")
+    assert header_only.returncode == 0 and "checked:  header only" in header_only.stdout
+
+
+def test_outputs_must_be_regular_files_or_new_paths(tiny_llama_dir, tmp_path, capsys):
+    saved = tmp_path / "s.kvs"
+    assert kvtrace_here(capsys, "save", "--prompt", "Hi", "-o", saved, "--model", tiny_llama_dir).returncode == 0
+    assert_one_line_error(kvtrace_here(capsys, "prune", saved, "-o", "/dev/null", "--keep-last", 2),
+                          "/dev/null", "regular files")
+    assert_one_line_error(kvtrace_here(capsys, "prune", saved, "-o", tmp_path, "--keep-last", 2), "is a folder")
+    assert_one_line_error(kvtrace_here(capsys, "--dump", tmp_path, "--prompt", "hi", "--model", tiny_llama_dir),
+                          "is a folder")

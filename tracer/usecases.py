@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,12 +22,13 @@ from pathlib import Path
 from typing import TextIO
 
 from kvstore import snapshot
-from kvstore.atomic import atomic_writer
+from kvstore.atomic import atomic_writer, output_target
 from kvstore.errors import SnapshotError
 from kvstore.format import DEFAULT_CODEC
 from kvstore.pruning import PruneSpec
 from kvstore.snapshot import SnapshotInfo
 from kvstore.state import KVState
+from kvstore.verify import verify
 from tracer.errors import SettingsError
 from tracer.loading import EMBEDDED_NAME, LoadedModel, load_model, quiet_transformers
 from tracer.protocol import Session
@@ -103,18 +103,6 @@ class Saved:
                 f"codec {self.codec}, {self.written / max(self.raw_bytes, 1):.3f} of the raw K/V")
 
 
-def check_output(path: str) -> None:
-    """Refuse an output path that cannot be written, before any slow work is done."""
-    target = Path(path)
-    if target.is_dir():
-        raise SnapshotError(f"{path} is a folder; give a file name to write")
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise SnapshotError(f"cannot write {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise SnapshotError(f"cannot write {path}: the folder {folder} is not writable")
-
-
 def save_state(state: KVState, path: str, codec: str = DEFAULT_CODEC, label: str | None = None) -> Saved:
     """Write ``state`` to ``path`` (atomically)."""
     if label:
@@ -128,10 +116,16 @@ def save(session: Session, path: str, codec: str = DEFAULT_CODEC, label: str | N
     return save_state(session.export_state(), path, codec, label)
 
 
-def read_state(path: str, session: Session | None = None) -> KVState:
-    """A snapshot's state; with a session, refused (before any payload is decoded) unless it fits its model."""
-    expected = None if session is None else session.loaded.fingerprint
-    return snapshot.load(path, expected=expected)
+def read_state(path: str, session: Session | None = None, *, max_bytes: int | None = None) -> KVState:
+    """A snapshot's state within the memory budget ``max_bytes`` (default: ``kvstore.format``'s).
+
+    With a session it is refused, before any payload is decoded, unless it fits the session's model
+    and context window.
+    """
+    if session is None:
+        return snapshot.load(path, max_bytes=max_bytes)
+    return snapshot.load(path, expected=session.loaded.fingerprint, max_tokens=session.loaded.context_limit,
+                         max_bytes=max_bytes)
 
 
 @dataclass(frozen=True)
@@ -193,7 +187,7 @@ def trace_output(target: str) -> Iterator[TextIO]:
     if target == "-":
         yield sys.stdout
         return
-    check_output(target)
+    output_target(target)
     with atomic_writer(target) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
         yield text
@@ -253,30 +247,32 @@ class ResumeRequest:
     steps: int = 64
     continue_text: str | None = None
     options: TraceOptions = TraceOptions()
+    max_bytes: int | None = None  # memory budget for the decoded state (default: kvstore's)
 
 
-def resumed_sampling(state: KVState, given: dict, steps: int) -> SamplingSettings:
+def resumed_sampling(metadata: dict, given: dict, steps: int) -> SamplingSettings:
     """The snapshot's own sampling settings, with the flags the user gave on top."""
-    saved = SamplingSettings.from_dict(state.metadata.get("sampling"))
+    saved = SamplingSettings.from_dict(metadata.get("sampling"))
     return saved.overridden(**given).overridden(max_new_tokens=max(steps, 1))
 
 
-def resume(request: ResumeRequest, progress: Progress = _quiet) -> tuple[Session, KVState]:
+def resume(request: ResumeRequest, progress: Progress = _quiet) -> Session:
     """Open the snapshot's model, load the snapshot, and add the user's message if any (not generating yet).
 
-    The file is read and checked before the model loads, so a bad file costs no load time.
+    Every record's checksum is verified before the model loads (a damaged file costs no load time), and
+    the payloads are decoded only once the model is known to fit.
     """
     info = snapshot.read_info(request.source)
-    state = snapshot.load(request.source)
+    verify(request.source)
     plan = model_for_snapshot(info, request.model.spec)
     progress(f"resuming with {plan.reason}")
     choice = ModelChoice(plan.spec, request.model.device, request.model.dtype, request.model.load_in_4bit)
-    sampling = resumed_sampling(state, request.sampling, request.steps)
+    sampling = resumed_sampling(info.metadata, request.sampling, request.steps)
     session = open_session(choice, sampling, request.options, progress)
-    session.import_state(state)  # refused, in the same words as a load, if the model does not fit
+    session.import_state(read_state(request.source, session, max_bytes=request.max_bytes))
     if request.continue_text:
         session.start_turn(request.continue_text)
-    return session, state
+    return session
 
 
 # -------------------------------------------------------------------------------------- legacy
@@ -298,7 +294,7 @@ def import_legacy(source: str, output: str, choice: ModelChoice, *, tokens_file:
     """Convert a KV cache saved with ``torch.save`` (or, with ``allow_pickle``, pickle) into a snapshot."""
     from kvstore.legacy import read_legacy, to_state
 
-    check_output(output)
+    output_target(output)
     legacy = read_legacy(source, allow_pickle=allow_pickle)
     token_ids = read_token_file(tokens_file) if tokens_file else legacy.token_ids
     if token_ids is None:

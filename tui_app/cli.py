@@ -77,6 +77,29 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, resuming: bool = Fa
                        help=f"stop when the reply ends with TEXT (repeatable){default}")
 
 
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def memory_size(text: str) -> int:
+    """``8G``, ``512M``, ``1.5G`` or plain bytes (an argparse type)."""
+    number, unit = text.strip().upper().rstrip("IB"), ""
+    if number and number[-1] in SIZE_UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 8G or 512M") from None
+    if not 0 < value < 1 << 50:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 8G or 512M")
+    return int(value)
+
+
+def add_memory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", type=memory_size, metavar="SIZE",
+                        help="refuse snapshots whose decoded K/V would take more than SIZE (e.g. 16G; default: "
+                        "8G or half the machine's memory, whichever is less)")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage mistakes are one line (``kvtrace: error: ...``) and exit code 2, like every other error."""
 
@@ -135,6 +158,7 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
     resume.add_argument("--dump", metavar="FILE", help="also write the trace as JSON Lines ('-' = stdout)")
     resume.add_argument("--top-k", type=int, default=10, metavar="K", help="candidates per step (default 10)")
     resume.add_argument("-o", "--output", metavar="FILE", help="save the state after resuming to FILE")
+    add_memory_option(resume)
     add_model_options(resume)
     add_sampling_options(resume, resuming=True)
 
@@ -155,11 +179,16 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
                        help="drop the entries at original positions START..END-1 (e.g. one chat turn)")
     prune.add_argument("--codec", choices=CODEC_NAMES, metavar="CODEC",
                        help=f"codec of the output (default: the input's): {', '.join(CODEC_NAMES)}")
+    add_memory_option(prune)
 
-    info = commands.add_parser("info", help="describe a snapshot",
-                               description="Show a snapshot's header, model, tokens as text, codec and sizes.")
+    info = commands.add_parser("info", help="check and describe a snapshot",
+                               description="Check every record's checksum, then show the snapshot's header, model, "
+                               "tokens as text, codec and sizes; a damaged file is one error line and exit code 2.")
     info.add_argument("file", metavar="FILE", help="snapshot to describe")
     info.add_argument("--json", action="store_true", help="print the description as JSON")
+    checks = info.add_mutually_exclusive_group()
+    checks.add_argument("--header", action="store_true", help="read the header only (fast; checks no payload)")
+    checks.add_argument("--deep", action="store_true", help="also decompress every payload and check its size")
 
     legacy = commands.add_parser("import", help="convert a KV cache saved the old way",
                                  description="Convert a tuple of (K, V) per layer saved with torch.save "

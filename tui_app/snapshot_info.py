@@ -105,7 +105,8 @@ def summary(info: SnapshotInfo, resume_model: str | None = None) -> dict[str, An
     })
 
 
-def lines(info: SnapshotInfo, *, model: ModelFingerprint | None = None, resume_model: str | None = None) -> list[str]:
+def lines(info: SnapshotInfo, *, model: ModelFingerprint | None = None, resume_model: str | None = None,
+          checked: str | None = None) -> list[str]:
     """The human-readable description, safe to print; with ``model``, whether the snapshot fits it."""
     fp = info.fingerprint
     params = info.codec_params
@@ -122,6 +123,8 @@ def lines(info: SnapshotInfo, *, model: ModelFingerprint | None = None, resume_m
         f"ratio {info.ratio:.3f}",
         f"messages: {len(messages(info))}; attention scores: {'yes' if info.has_attention_scores else 'no'}",
     ]
+    if checked is not None:
+        out.append(f"checked:  {checked}")
     if resume_model is not None:
         out.append(f"resume:   loads {resume_model}")
     if model is not None:

@@ -26,7 +26,7 @@ def _save(args: argparse.Namespace) -> int:
 
     check_count("--steps", args.steps)
     settings, choice = sampling(args, max(args.steps, 1)), model_choice(args)
-    usecases.check_output(args.output)
+    usecases.output_target(args.output)
     runner = SessionRunner.headless(
         lambda progress: usecases.open_session(choice, settings, usecases.TraceOptions(), progress), say)
 
@@ -52,11 +52,11 @@ def _resume(args: argparse.Namespace) -> int:
 
     check_count("--steps", args.steps)
     request = usecases.ResumeRequest(args.file, model_choice(args), sampling_given(args), args.steps,
-                                     args.continue_text, trace_options(args))
+                                     args.continue_text, trace_options(args), args.max_memory)
     for output in (args.output, args.dump):
         if output and output != "-":
-            usecases.check_output(output)
-    runner = SessionRunner.headless(lambda progress: usecases.resume(request, progress)[0], say)
+            usecases.output_target(output)
+    runner = SessionRunner.headless(lambda progress: usecases.resume(request, progress), say)
 
     def go_on(session) -> str:
         next_position, entries = len(session.token_ids) - 1, len(session.positions)
@@ -115,9 +115,9 @@ def _prune(args: argparse.Namespace) -> int:
     from tui_app.snapshot_info import ranges
 
     spec = prune_spec(args)
-    usecases.check_output(args.output)
+    usecases.output_target(args.output)
     info = snapshot.read_info(args.file)
-    result = usecases.prune_state(snapshot.load(args.file), spec)
+    result = usecases.prune_state(usecases.read_state(args.file, max_bytes=args.max_memory), spec)
     saved = usecases.save_state(result.state, args.output, args.codec or info.codec)
     print(f"before: {info.cache_length} entries, {info.file_bytes:,} bytes ({info.codec})")
     print(f"after:  {result.entries_after} entries, {saved.written:,} bytes ({saved.codec}) -> {args.output}")
@@ -128,18 +128,20 @@ def _prune(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from kvstore import snapshot
     from kvstore.errors import SnapshotError
+    from kvstore.verify import verify
     from tracer.usecases import model_for_snapshot
     from tui_app.snapshot_info import lines, summary
 
     info = snapshot.read_info(args.file)
+    checked = "header only" if args.header else verify(args.file, deep=args.deep).describe()
     try:
         resume_model = model_for_snapshot(info, None).reason
     except SnapshotError as error:
         resume_model = f"nothing by itself: {error}"
     if args.json:
-        print(json.dumps(summary(info, resume_model), ensure_ascii=False, indent=2))
+        print(json.dumps({**summary(info, resume_model), "checked": checked}, ensure_ascii=False, indent=2))
     else:
-        print("\n".join(lines(info, resume_model=resume_model)))
+        print("\n".join(lines(info, resume_model=resume_model, checked=checked)))
     return 0
 
 
