@@ -176,3 +176,40 @@ def test_evidence_is_compact_and_serialises(tiny_dirs):
     assert line == json.loads(json.dumps({"type": "step", **record.to_dict()}))
     assert len(line["attention"]["per_head"]) == layers and len(line["attention"]["per_head"][0]) == heads
     assert line["attention"]["per_head"][1][2] == [list(pair) for pair in evidence.per_head[1][2]]
+
+
+def dense_reference(query, key, allowed, scaling, softcap):
+    """Plain softmax over every score, ``allowed`` ``(queries, keys)`` True where a query sees a key."""
+    group = query.shape[1] // key.shape[1]
+    keys = key[0].repeat_interleave(group, dim=0)
+    scores = query[0].double() @ keys.double().transpose(1, 2) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return probs  # (heads, queries, keys)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_weights_equal_a_dense_softmax_in_any_chunking(window, mask_kind, softcap):
+    torch.manual_seed(0)
+    heads, kv_heads, past, count, dim = 6, 2, 7, 13, 8
+    length = past + count
+    query, key = torch.randn(1, heads, count, dim), torch.randn(1, kv_heads, length, dim)
+    rows = torch.arange(count).unsqueeze(1) + past
+    keys = torch.arange(length)
+    allowed = keys <= rows
+    if window is not None:
+        allowed &= keys > rows - window
+    # without a mask from the model the capture applies causality and the window itself
+    mask = {"none": None, "bool": allowed[None, None],
+            "float": torch.zeros(1, 1, count, length).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
+    expected = dense_reference(query, key, allowed, 0.3, softcap)
+    for budget in (1, 4 * heads * length * 3, 1 << 20):  # one query, three queries, everything per chunk
+        got = attention_weights.received(query, key, mask, scaling=0.3, softcap=softcap, window=window, budget=budget)
+        summed = expected.sum(dim=1).view(kv_heads, heads // kv_heads, length).sum(dim=1)
+        assert torch.allclose(got.double(), summed, atol=1e-5)
+    last = attention_weights.decode_rows(query[:, :, -1:], key, None if mask is None else mask[:, :, -1:],
+                                         scaling=0.3, softcap=softcap, window=window)
+    assert torch.allclose(last.double(), expected[:, -1], atol=1e-6)

@@ -27,10 +27,18 @@ import torch
 
 def decode_rows(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, *, scaling: float,
                 softcap: float | None, window: int | None) -> torch.Tensor:
-    """``(heads, kv)`` float32: the single query's attention over every key, per query head."""
-    heads, length = query.shape[1], key.shape[2]
-    scores = _scores(query[0], key[0], 0, 1, 0, length, scaling, softcap)
-    _apply_mask(scores, mask, length - 1, 0, 1, 0, length, window)
+    """``(heads, kv)`` float32: the single query's attention over every key, per query head.
+
+    Runs once per layer and step, so it is kept to a handful of tensor operations.
+    """
+    heads, dim = query.shape[1], query.shape[3]
+    kv_heads, length = key.shape[1], key.shape[2]
+    scores = torch.bmm(query.reshape(kv_heads, heads // kv_heads, dim), key[0].transpose(1, 2)).float()
+    scores.mul_(scaling)
+    if softcap is not None:
+        scores.div_(softcap).tanh_().mul_(softcap)
+    if mask is not None or window is not None:
+        _apply_mask(scores.view(kv_heads, heads // kv_heads, 1, length), mask, length - 1, 0, 1, 0, length, window)
     return torch.softmax(scores, dim=-1).view(heads, length)
 
 
@@ -53,21 +61,21 @@ def received(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
         low = 0 if window is None else max(0, offset + start - window + 1)
         scores = _scores(query[0], key[0], start, end, low, high, scaling, softcap)
         _apply_mask(scores, mask, offset, start, end, low, high, window)
-        # softmax without its division pass: exp(s - max) once, then each row's 1/sum folded into a product
-        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-        inverse = scores.sum(dim=-1).reciprocal_().view(kv_heads, 1, group * (end - start))
-        total[:, low:high] += torch.bmm(inverse, scores.view(kv_heads, group * (end - start), high - low)).squeeze(1)
+        # softmax row by row (one pass in cache), then the sum over the chunk's queries and grouped heads
+        probs = torch.softmax(scores, dim=-1).view(kv_heads, group * (end - start), high - low)
+        total[:, low:high] += probs.sum(dim=1)
     return total
 
 
 def _scores(query: torch.Tensor, key: torch.Tensor, start: int, end: int, low: int, high: int,
             scaling: float, softcap: float | None) -> torch.Tensor:
-    """``(kv_heads, group, end - start, high - low)`` float32 scores of queries ``start:end`` for keys ``low:high``."""
+    """``(kv_heads, group, end - start, high - low)`` float32 scores of queries ``start:end`` for keys ``low:high``
+    (the scaling applied to the queries, before the product: a chunk of queries is smaller than its scores)."""
     heads, _, dim = query.shape
     kv_heads = key.shape[0]
     group = heads // kv_heads
-    queries = query[:, start:end].reshape(kv_heads, group * (end - start), dim)
-    scores = torch.bmm(queries, key[:, low:high].transpose(1, 2)).float().mul_(scaling)
+    queries = (query[:, start:end] * scaling).reshape(kv_heads, group * (end - start), dim)
+    scores = torch.bmm(queries, key[:, low:high].transpose(1, 2)).float()
     if softcap is not None:
         scores.div_(softcap).tanh_().mul_(softcap)
     return scores.view(kv_heads, group, end - start, high - low)
@@ -75,7 +83,12 @@ def _scores(query: torch.Tensor, key: torch.Tensor, start: int, end: int, low: i
 
 def _apply_mask(scores: torch.Tensor, mask: torch.Tensor | None, offset: int, start: int, end: int,
                 low: int, high: int, window: int | None) -> None:
-    """Mask ``scores`` in place (queries ``start:end`` at key indices ``offset + i``, keys ``low:high``)."""
+    """Mask ``scores`` in place (queries ``start:end`` at key indices ``offset + i``, keys ``low:high``).
+
+    A 4-D mask from the model covers the whole block; without one only two small
+    corners can be hidden: the chunk's own keys above the diagonal (causal), and
+    the keys a sliding window has already left behind at the chunk's first rows.
+    """
     if mask is not None and mask.dim() == 4:
         block = mask[0, :, start:end, low:high]
         block = block.view(scores.shape[0], scores.shape[1], *block.shape[1:]) if block.shape[0] > 1 else block
@@ -84,12 +97,14 @@ def _apply_mask(scores: torch.Tensor, mask: torch.Tensor | None, offset: int, st
         else:
             scores.add_(block)
         return
-    causal = end - start > 1  # the chunk's first query cannot see its later keys
-    windowed = window is not None and low <= offset + end - 1 - window  # its last query stops seeing early keys
-    if causal or windowed:
-        keys = torch.arange(low, high, device=scores.device)
-        queries = torch.arange(offset + start, offset + end, device=scores.device).unsqueeze(1)
-        hidden = keys > queries
-        if window is not None:
-            hidden |= keys <= queries - window
-        scores.masked_fill_(hidden, float("-inf"))
+    count = end - start
+    if count > 1:  # query i sees keys up to offset + start + i
+        own = scores[..., offset + start - low :]
+        own.masked_fill_(torch.ones(count, count, dtype=torch.bool, device=scores.device).triu_(1), float("-inf"))
+    if window is not None:  # query i stops seeing keys below offset + start + i - window + 1
+        shift = offset + start - window + 1 - low  # row i hides the block's first i + shift keys
+        width = min(high - low, count - 1 + shift)
+        if width > 0:
+            left = scores[..., :width]
+            left.masked_fill_(torch.ones(count, width, dtype=torch.bool, device=scores.device).tril_(shift - 1),
+                              float("-inf"))

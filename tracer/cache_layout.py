@@ -39,6 +39,7 @@ class LayerGroup:
     window: int | None  # sliding window of these layers; None: full attention
     positions: torch.Tensor  # (kv_heads, n) int64 on the layers' device
     received: torch.Tensor  # (len(layers), kv_heads, n) on the layers' device
+    shared: bool = True  # every head holds the same positions (no per-head pruning)
 
     @property
     def length(self) -> int:
@@ -94,7 +95,8 @@ class CacheLayout:
             match = next((g for g in groups if g.window == windows[layer] and g.positions.device == device
                           and g.positions.shape == held.shape and torch.equal(g.positions.cpu(), held)), None)
             if match is None:
-                groups.append(LayerGroup([layer], windows[layer], held.to(device).clone(), scores))
+                shared = bool((held == held[:1]).all())
+                groups.append(LayerGroup([layer], windows[layer], held.to(device).clone(), scores, shared))
             else:
                 match.layers.append(layer)
                 match.received = torch.cat([match.received, scores])
@@ -133,7 +135,7 @@ class CacheLayout:
                                        f"{seen.shape[1]}")
                 received += sums
                 if layer_rows is not None:
-                    rows.append(GroupRows(group.layers, seen, layer_rows, sums))
+                    rows.append(GroupRows(group.layers, seen, group.shared, layer_rows, sums))
             dropped = seen.shape[1] - lengths[group.layers[0]]
             if dropped > 0:
                 self._evict(seen[:, :dropped], received[..., :dropped])

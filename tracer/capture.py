@@ -94,6 +94,7 @@ class GroupRows:
 
     layers: list[int]
     positions: torch.Tensor  # (kv_heads, kv) original position of every key the layers saw
+    shared: bool  # every head holds the same positions (no per-head pruning)
     rows: torch.Tensor  # (layers, heads, kv) float32
     head_sums: torch.Tensor  # (layers, kv_heads, kv): rows summed over the query heads of each KV head
 
@@ -112,22 +113,28 @@ def evidence(groups: list[GroupRows], positions: list[int], num_layers: int, top
         kv_heads = group.positions.shape[0]
         k = min(top, length)
         weights, index = torch.topk(group.rows, k, dim=-1)
-        by_head = group.positions.repeat_interleave(heads // kv_heads, dim=0).expand(count, heads, length)
-        head_positions[group.layers, :, :k] = by_head.gather(2, index).cpu().numpy()
         head_weights[group.layers, :, :k] = weights.cpu().numpy()
-        # the head mean per position: heads may hold different positions (per-head pruning)
-        start = int(group.positions.min())
-        dense = torch.zeros(count, last - start + 1, dtype=torch.float32, device=group.rows.device)
-        dense.scatter_add_(1, (group.positions - start).reshape(1, -1).expand(count, -1),
-                           group.head_sums.reshape(count, -1))
-        weights, index = torch.topk(dense / heads, min(k, dense.shape[1]), dim=-1)
-        layer_positions[group.layers, : index.shape[1]] = (index + start).cpu().numpy()
+        if group.shared:
+            held = group.positions[0]
+            head_positions[group.layers, :, :k] = held[index].cpu().numpy()
+            row = group.head_sums.sum(dim=1)  # (layers, kv): the heads' sum over the positions held
+        else:  # each head its own positions: spread the heads' rows over the positions they span
+            by_head = group.positions.repeat_interleave(heads // kv_heads, dim=0).expand(count, heads, length)
+            head_positions[group.layers, :, :k] = by_head.gather(2, index).cpu().numpy()
+            start = int(group.positions.min())
+            held = torch.arange(start, last + 1, device=group.rows.device)
+            row = torch.zeros(count, len(held), dtype=torch.float32, device=group.rows.device)
+            row.scatter_add_(1, (group.positions - start).reshape(1, -1).expand(count, -1),
+                             group.head_sums.reshape(count, -1))
+        weights, index = torch.topk(row / heads, min(k, row.shape[1]), dim=-1)
+        layer_positions[group.layers, : index.shape[1]] = held[index].cpu().numpy()
         layer_weights[group.layers, : index.shape[1]] = weights.cpu().numpy()
-        total[start - first :] += dense.sum(dim=0).cpu().double()
-    mean = total[torch.tensor(positions) - first] / (num_layers * heads)
+        total.index_add_(0, held.cpu() - first, row.sum(dim=0).cpu().double())
+    if len(positions) != len(total):  # gaps (pruned positions): keep the ones some layer saw
+        total = total[torch.tensor(positions) - first]
     return AttentionEvidence(
         positions=positions,
-        mean=mean.numpy(),
+        mean=(total / (num_layers * heads)).numpy(),
         per_layer=TopEntries(layer_positions, layer_weights),
         per_head=TopEntries(head_positions, head_weights),
     )
