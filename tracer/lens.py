@@ -73,9 +73,11 @@ class LogitLens:
         flat = hidden.reshape(steps * layers, width)
         tops: list[tuple[list[float], list[int]]] = []
         for start in range(0, flat.shape[0], ROWS_PER_BATCH):
-            log_probs = torch.log_softmax(self.logits(flat[start : start + ROWS_PER_BATCH]), dim=-1)
-            values, ids = torch.topk(log_probs, min(k, log_probs.shape[-1]), dim=-1)
-            tops.extend(zip(values.exp().tolist(), ids.tolist()))
+            logits = self.logits(flat[start : start + ROWS_PER_BATCH])
+            # the top logits are the top probabilities: normalize k of them, not the whole vocabulary
+            values, ids = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
+            probs = (values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+            tops.extend(zip(probs.tolist(), ids.tolist()))
         return [
             [
                 LensLayer(layer, [Candidate(i, text_of(i), p) for p, i in zip(*tops[step * layers + layer])])
