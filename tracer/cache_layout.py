@@ -21,10 +21,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvstore.state import KVState
 from tracer.capture import ForwardCapture, GroupRows
+
+
+class PositionLog:
+    """The union positions as a growing int32 array: each decode step's evidence holds a read-only view of
+    its prefix instead of a copy (the union only grows at the end between crops)."""
+
+    def __init__(self) -> None:
+        self._array = np.zeros(0, dtype=np.int32)
+        self._known = 0  # leading entries known to equal the union's
+
+    def seen(self, positions: list[int], position: int) -> np.ndarray:
+        """``positions`` then ``position``; valid while ``positions`` only grew since the last ``forget``."""
+        count = len(positions)
+        if count + 1 > len(self._array):  # a new array: views handed out keep the old one
+            grown = np.zeros(max(2 * (count + 1), 64), dtype=np.int32)
+            grown[: self._known] = self._array[: self._known]
+            self._array = grown
+        self._array[self._known : count] = positions[self._known : count]
+        self._array[count] = position  # beyond every earlier view; the next step's union repeats it here
+        self._known = count
+        view = self._array[: count + 1]
+        view.flags.writeable = False
+        return view
+
+    def forget(self) -> None:
+        """The union changed other than by growing: start a new array."""
+        self._array, self._known = np.zeros(0, dtype=np.int32), 0
 
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:
@@ -55,6 +83,7 @@ class CacheLayout:
         self.positions = positions
         self.heads = heads
         self.num_layers = sum(len(group.layers) for group in groups)
+        self.log = PositionLog()
         # per position: what entries sliding layers no longer hold had received (summed over layers and heads)
         self.evicted = torch.zeros(0, dtype=torch.float64) if evicted is None else evicted
         self.dropped = torch.zeros(len(self.evicted), dtype=torch.bool)  # per position: dropped by a sliding layer
@@ -144,6 +173,7 @@ class CacheLayout:
         self.positions.extend(fed)
         if trimmed and not self._covered():
             self.positions = self._union()
+            self.log.forget()
         return rows
 
     def remove_received(self, captured: ForwardCapture) -> None:
@@ -170,6 +200,7 @@ class CacheLayout:
             count = int((group.positions[0] < before).sum()) if group.positions.shape[0] else 0
             group.positions, group.received = group.positions[:, :count], group.received[..., :count]
         self.positions = [p for p in self.positions if p < before]
+        self.log.forget()
         self.evicted, self.dropped = self.evicted[:before], self.dropped[:before]
 
     def replay_positions(self, before: int) -> list[int]:

@@ -99,10 +99,12 @@ class GroupRows:
     head_sums: torch.Tensor  # (layers, kv_heads, kv): rows summed over the query heads of each KV head
 
 
-def evidence(groups: list[GroupRows], positions: list[int], num_layers: int, top: int = TOP_ENTRIES) -> AttentionEvidence:
-    """The evidence of one decode step; ``positions`` lists every position some layer saw, in order."""
+def evidence(groups: list[GroupRows], positions: np.ndarray, num_layers: int,
+             top: int = TOP_ENTRIES) -> AttentionEvidence:
+    """The evidence of one decode step; ``positions`` (int32, kept by the evidence as it is) lists every
+    position some layer saw, in order."""
     heads = groups[0].rows.shape[1]
-    first, last = positions[0], positions[-1]
+    first, last = int(positions[0]), int(positions[-1])
     total = torch.zeros(last - first + 1, dtype=torch.float64)
     head_positions = np.full((num_layers, heads, top), -1, dtype=np.int32)
     head_weights = np.zeros((num_layers, heads, top), dtype=np.float32)
@@ -131,7 +133,7 @@ def evidence(groups: list[GroupRows], positions: list[int], num_layers: int, top
         layer_weights[group.layers, : index.shape[1]] = weights.cpu().numpy()
         total.index_add_(0, held.cpu() - first, row.sum(dim=0).cpu().double())
     if len(positions) != len(total):  # gaps (pruned positions): keep the ones some layer saw
-        total = total[torch.tensor(positions) - first]
+        total = total[torch.from_numpy(positions.astype(np.int64)) - first]
     return AttentionEvidence(
         positions=positions,
         mean=(total / (num_layers * heads)).numpy(),

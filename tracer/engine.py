@@ -182,7 +182,7 @@ class Engine:
 
     def decode(self, token: int, position: int) -> Decoded:
         """Feed one token at ``position``; its logits, hidden states and attention evidence."""
-        seen = [*self.positions, position]
+        seen = self.layout.log.seen(self.positions, position)
         fed = None
         while fed is None:
             fed = self._feed([token], [position], hidden=True)

@@ -23,7 +23,9 @@ class PackedRow(Sequence):
     __slots__ = ("array",)
 
     def __init__(self, values: Any, dtype: type) -> None:
-        self.array = np.array(values, dtype=dtype)
+        self.array = np.asarray(values, dtype=dtype)  # an array of that dtype is kept, not copied
+        if self.array is values:
+            self.array = self.array.view()  # the flag below must not freeze the caller's array
         self.array.flags.writeable = False
 
     def __len__(self) -> int:
