@@ -67,9 +67,8 @@ class Engine:
         )
         self._configs = attention_hook.model_configs(self._model)
         self._devices = kv_adapter.attention_devices(self._model, self.num_layers, loaded.device)
-        norm = find_final_norm(self._model)
-        names = {id(module): name for name, module in self._model.named_modules()}
-        self._hidden_device = loaded.device if norm is None else module_device(self._model, names[id(norm)])
+        norm = find_final_norm(self._model)  # the lens reads the hidden states there
+        self._hidden_device = loaded.device if norm is None else module_device(self._model, norm)
         self._budget = CAPTURE_BYTES.get(loaded.device.type, ACCELERATOR_CAPTURE_BYTES)
         self.reset()
         self.mode = self._initial_mode() if capture_attention else None  # "hook", "eager" or None

@@ -57,10 +57,10 @@ def layer_lengths(cache: DynamicCache) -> list[int]:
 def attention_devices(model: PreTrainedModel, num_layers: int, fallback: torch.device) -> list[torch.device]:
     """The device of each layer's attention module (the device its cache must live on), read from the model."""
     devices = [fallback] * num_layers
-    for name, module in model.named_modules():
+    for module in model.modules():
         index = getattr(module, "layer_idx", None)
         if isinstance(index, int) and 0 <= index < num_layers and type(module).__name__.endswith("Attention"):
-            devices[index] = module_device(model, name)
+            devices[index] = module_device(model, module)
     return devices
 
 

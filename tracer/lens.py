@@ -54,8 +54,7 @@ class LogitLens:
         if norm is None or head is None:
             return None
         config = model.config.get_text_config(decoder=True)
-        names = {id(module): name for name, module in model.named_modules()}
-        devices = (module_device(model, names[id(norm)]), module_device(model, names[id(head)]))
+        devices = (module_device(model, norm), module_device(model, head))
         return cls(norm, head, getattr(config, "final_logit_softcapping", None), devices)
 
     @torch.no_grad()

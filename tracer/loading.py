@@ -225,23 +225,24 @@ def load_model(
     )
 
 
-def module_device(model: torch.nn.Module, name: str) -> torch.device:
-    """Where the submodule ``name`` of ``model`` computes, read from the model.
+def module_device(model: torch.nn.Module, module: torch.nn.Module) -> torch.device:
+    """Where ``module``, a submodule of ``model``, computes, read from the model.
 
     An accelerate hook on it or on an enclosing module names its execution
     device (with CPU or disk offload the weights wait elsewhere); otherwise its
     own weights tell. Split models (``device_map``) put layers on different devices.
     """
+    names = {id(m): name for name, m in model.named_modules()}
     modules = dict(model.named_modules())
-    parts = name.split(".") if name else []
+    parts = names[id(module)].split(".") if names[id(module)] else []
     for end in range(len(parts), -1, -1):
         hook = getattr(modules.get(".".join(parts[:end])), "_hf_hook", None)
         device = getattr(hook, "execution_device", None)
         if device is not None:
             return torch.device(device)
-    tensor = next(modules[name].parameters(), None)
+    tensor = next(module.parameters(), None)
     if tensor is None:
-        tensor = next(modules[name].buffers(), None)
+        tensor = next(module.buffers(), None)
     return tensor.device if tensor is not None else model.device
 
 
