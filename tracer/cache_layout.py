@@ -59,6 +59,17 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _received_of(state: KVState, layer: int, held: torch.Tensor, union: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(kv_heads, n_l)`` float64 accumulator for layer ``layer`` of ``state`` (sums over query heads)."""
+    group_size = heads // held.shape[0]
+    if state.head_scores is not None:
+        return state.head_scores[layer].to(torch.float64) * group_size
+    if state.attention_scores is not None:
+        per_position = torch.tensor(state.attention_scores, dtype=torch.float64) * group_size
+        return per_position[torch.searchsorted(union, held.contiguous())]
+    return torch.zeros(held.shape, dtype=torch.float64)
+
+
 @dataclass
 class LayerGroup:
     """Layers that hold the same entries, on one device."""
@@ -104,45 +115,38 @@ class CacheLayout:
     @classmethod
     def from_state(cls, state: KVState, windows: list[int | None], devices: list[torch.device],
                    heads: int) -> CacheLayout:
-        """The layout of ``state``'s entries; received attention from its ``head_scores`` (else its
-        ``attention_scores``, spread evenly over layers and heads; else none)."""
-        kv_heads = state.keys[0].shape[0]
-        group_size = heads // kv_heads
+        """The layout of ``state``'s entries, layer ``l`` on ``devices[l]``; received attention from its
+        ``head_scores`` (else its ``attention_scores``, spread evenly over layers and heads; else none)."""
         union = torch.tensor(state.positions, dtype=torch.long)
         groups: list[LayerGroup] = []
         for layer in range(state.num_layers):
-            held = state.layer_positions(layer)
-            device = devices[layer]
-            if state.head_scores is not None:
-                scores = state.head_scores[layer].to(torch.float64) * group_size
-            elif state.attention_scores is not None:
-                per_position = torch.tensor(state.attention_scores, dtype=torch.float64) * group_size
-                scores = per_position[torch.searchsorted(union, held.contiguous())]
-            else:
-                scores = torch.zeros(held.shape, dtype=torch.float64)
-            scores = scores.to(device, accumulator_dtype(device)).unsqueeze(0)
+            held, device = state.layer_positions(layer), devices[layer]
+            scores = _received_of(state, layer, held, union, heads).to(device, accumulator_dtype(device))
             match = next((g for g in groups if g.window == windows[layer] and g.positions.device == device
                           and g.positions.shape == held.shape and torch.equal(g.positions.cpu(), held)), None)
             if match is None:
                 shared = bool((held == held[:1]).all())
-                groups.append(LayerGroup([layer], windows[layer], held.to(device).clone(), scores, shared))
+                groups.append(LayerGroup([layer], windows[layer], held.to(device).clone(), scores[None], shared))
             else:
                 match.layers.append(layer)
-                match.received = torch.cat([match.received, scores])
+                match.received = torch.cat([match.received, scores[None]])
         layout = cls(groups, list(state.positions), heads)
-        size = max([state.next_position, *state.positions[-1:]]) + 1
-        layout.evicted = torch.zeros(size, dtype=torch.float64)
-        layout.dropped = torch.zeros(size, dtype=torch.bool)
-        if state.attention_scores is not None and state.positions:
-            # what no held entry accounts for: received before a sliding layer dropped the entry
-            scale = layout.num_layers * heads
-            held_scores = torch.tensor(layout.attention_scores(), dtype=torch.float64)
-            missing = (torch.tensor(state.attention_scores, dtype=torch.float64) - held_scores).clamp_(min=0)
-            layout.evicted.index_add_(0, union, missing * scale)
-        if all(window is not None for window in windows):  # no layer keeps everything: what lies before the
-            layout.dropped[: max(0, state.next_position - min(windows) + 1)] = True  # windows was fed, not pruned
-            layout.dropped[union] = False
+        layout._restore_dropped(state, windows, union)
         return layout
+
+    def _restore_dropped(self, state: KVState, windows: list[int | None], union: torch.Tensor) -> None:
+        """What sliding layers had dropped before ``state`` was made: the part of its union scores no held
+        entry accounts for, and (when no layer keeps everything) the positions before the windows."""
+        size = max(state.next_position, int(union.max()) + 1 if len(union) else 0)
+        self.evicted = torch.zeros(size, dtype=torch.float64)
+        self.dropped = torch.zeros(size, dtype=torch.bool)
+        if state.attention_scores is not None and len(union):
+            held = torch.tensor(self.attention_scores(), dtype=torch.float64)
+            missing = (torch.tensor(state.attention_scores, dtype=torch.float64) - held).clamp_(min=0)
+            self.evicted.index_add_(0, union, missing * (self.num_layers * self.heads))
+        if all(window is not None for window in windows):  # fed, not pruned: a rebuild feeds them again
+            self.dropped[: max(0, state.next_position - min(windows) + 1)] = True
+            self.dropped[union] = False
 
     # ---------------------------------------------------------------- forwards
     def extend(self, fed: list[int], lengths: list[int], captured: ForwardCapture | None) -> list[GroupRows]:
