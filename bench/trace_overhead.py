@@ -4,8 +4,9 @@ One run, the variants interleaved (so machine load hits them alike), median of `
 
 * prefill of the N-token context (``tracer.quality.sample_text()``): untraced (the model's forward with
   its default attention kernel, a fresh ``DynamicCache``) against traced (``tracer.engine.Engine``: the
-  same kernel plus the received-attention capture), and each one's peak memory (RSS on CPU,
-  ``torch.cuda.max_memory_allocated`` on CUDA) above what was in use before it;
+  same kernel plus the received-attention capture), and each one's peak memory above what was in use
+  before it (``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak RSS of a fresh process that
+  loads the model and runs that one prefill, since freed memory stays in the process);
 * ``--tokens`` greedy decode steps on top of that context: plain ``model.generate`` (given the prefilled
   cache, so it only decodes) against the traced session (attention per layer and head, top-k, hidden
   states) and the traced session plus the full logit lens written as JSON Lines (``kvtrace --dump``);
@@ -27,6 +28,7 @@ import io
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -133,17 +135,28 @@ def traced_decode(loaded: LoadedModel, state, tokens: int, with_lens: bool) -> C
     return steps
 
 
-def prefill_peaks(loaded: LoadedModel, count: int) -> tuple[int, int, int]:
-    """Peak memory of an untraced and a traced prefill of ``count`` tokens, and the KV cache bytes."""
+def prefill_peak(loaded: LoadedModel, kind: str, count: int) -> int:
+    """Peak memory of one ``kind`` ("untraced" or "traced") prefill of ``count`` tokens in this process."""
     ids = context_ids(loaded, count)
-    with PeakMemory(loaded.device) as untraced:
-        cache = untraced_prefill(loaded, ids)
-    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    del cache
-    with PeakMemory(loaded.device) as traced:
-        engine = traced_prefill(loaded, ids)
-    del engine
-    return untraced.peak, traced.peak, kv
+    with PeakMemory(loaded.device) as peak:
+        done = untraced_prefill(loaded, ids) if kind == "untraced" else traced_prefill(loaded, ids)
+    del done
+    return peak.peak
+
+
+def measured_peak(args: argparse.Namespace, loaded: LoadedModel, kind: str, count: int) -> int:
+    """``prefill_peak``, on CPU in a fresh process (RSS keeps what earlier runs freed)."""
+    if loaded.device.type == "cuda":
+        return prefill_peak(loaded, kind, count)
+    command = [sys.executable, __file__, "--peak-of", kind, "--context", str(count), "--device", args.device,
+               "--dtype", args.dtype, *(["--model", args.model] if args.model else []),
+               *(["--threads", str(args.threads)] if args.threads else [])]
+    return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def kv_bytes(loaded: LoadedModel, count: int) -> int:
+    cache = untraced_prefill(loaded, context_ids(loaded, count))
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def mib(value: float) -> str:
@@ -162,10 +175,16 @@ def main() -> None:
                         help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
     parser.add_argument("--growth", action="store_true", help="also: prefill peaks at 1,000 and 8,000 tokens")
     parser.add_argument("--load-times", action="store_true", help="also: model load cold vs warm (GGUF)")
+    parser.add_argument("--peak-of", choices=["untraced", "traced"], help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_transformers()
+    if args.peak_of:
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        prefill_peak(loaded, args.peak_of, 16)  # pages the memory-mapped weights in first
+        print(prefill_peak(loaded, args.peak_of, args.context))
+        return
 
     if args.load_times:
         with tempfile.TemporaryDirectory() as cache:
@@ -186,15 +205,12 @@ def main() -> None:
     traced_decode(loaded, state, 2, with_lens=True)()
 
     times: dict[str, list[float]] = {name: [] for name in ("untraced", "traced", "plain", "steps", "lens")}
-    peaks: dict[str, list[int]] = {"untraced": [], "traced": []}
     tokens: dict[str, list[int]] = {}
     for _ in range(args.repeats):
         for name, run in (("untraced", lambda: untraced_prefill(loaded, ids[:-1])),
                           ("traced", lambda: traced_prefill(loaded, ids[:-1]))):
-            with PeakMemory(device) as peak:
-                seconds, _ = timed(loaded, run)
+            seconds, _ = timed(loaded, run)
             times[name].append(seconds)
-            peaks[name].append(peak.peak)
         cache = untraced_prefill(loaded, ids[:-1])
         for name in ("plain", "steps", "lens"):
             if name == "plain":
@@ -206,6 +222,7 @@ def main() -> None:
             times[name].append(seconds)
         del cache
     median = {name: statistics.median(values) for name, values in times.items()}
+    peaks = {kind: measured_peak(args, loaded, kind, len(ids) - 1) for kind in ("untraced", "traced")}
 
     prompt = torch.tensor([ids], device=device)
     with torch.no_grad():
@@ -215,8 +232,8 @@ def main() -> None:
 
     print(f"context {len(ids)} tokens, {args.tokens} greedy steps, median of {args.repeats}")
     print(f"  prefill untraced ({loaded.model.config._attn_implementation:6s})      {median['untraced']:7.2f} s   "
-          f"peak {mib(max(peaks['untraced']))}")
-    print(f"  prefill traced (capture)        {median['traced']:7.2f} s   peak {mib(max(peaks['traced']))}")
+          f"peak {mib(peaks['untraced'])}")
+    print(f"  prefill traced (capture)        {median['traced']:7.2f} s   peak {mib(peaks['traced'])}")
     print(f"  traced / untraced prefill:      {median['traced'] / median['untraced']:.2f}x  (target <= 1.30x CPU, "
           "<= 1.50x GPU)")
     for name, label in (("plain", "plain generate"), ("steps", "traced steps"), ("lens", "traced + full lens")):
@@ -226,12 +243,13 @@ def main() -> None:
     print(f"  traced greedy tokens equal generate from scratch: {same}/{args.tokens}"
           f"{'' if same == args.tokens else f' (first difference at token {same})'}")
     if args.growth:
-        small, large = prefill_peaks(loaded, 1000), prefill_peaks(loaded, 8000)
+        rows = {count: (measured_peak(args, loaded, "untraced", count), measured_peak(args, loaded, "traced", count),
+                        kv_bytes(loaded, count)) for count in (1000, 8000)}
         print("prefill peak memory above the start: untraced / traced / KV cache")
-        for count, (untraced, traced, kv) in ((1000, small), (8000, large)):
+        for count, (untraced, traced, kv) in rows.items():
             print(f"  {count:5d} tokens  {mib(untraced)}  {mib(traced)}  {mib(kv)}")
-        print(f"  8000 - 1000:  untraced {mib(large[0] - small[0])}  traced {mib(large[1] - small[1])}  "
-              f"KV cache {mib(large[2] - small[2])}")
+        growth = [large - small for small, large in zip(rows[1000], rows[8000])]
+        print(f"  8000 - 1000:  untraced {mib(growth[0])}  traced {mib(growth[1])}  KV cache {mib(growth[2])}")
 
 
 def timed_load(args: argparse.Namespace) -> tuple[float, LoadedModel]:
