@@ -50,7 +50,7 @@ class Decoded:
 
 
 class Engine:
-    """A model plus the KV cache it is building, where each cache entry sits, and what it was paid."""
+    """A model plus the KV cache it is building, where each cache entry sits, and the attention it received."""
 
     def __init__(self, loaded: LoadedModel, *, capture_attention: bool = True,
                  notice: Callable[[str], None] = lambda text: None) -> None:
