@@ -197,8 +197,9 @@ class Engine:
         the dropped queries gave. ``token_ids``: the transcript, at least up to the last fed token.
 
         Layers that can drop their last entries do (and the dropped tokens are replayed, capture only,
-        to take back the attention they gave); a sliding layer that has already evicted entries it needs
-        again cannot, so then the kept transcript is prefilled anew.
+        to take back the attention they gave). A sliding layer that has already evicted entries it needs
+        again cannot, nor can heads that per-head pruning left with different counts before ``before``:
+        then the kept transcript (held or evicted, not pruned) is prefilled anew.
         """
         replay = list(range(before, self.next_position))
         keep = self.layout.keep_counts(before) if kv_adapter.croppable(self._cache) else None
