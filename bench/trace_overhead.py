@@ -84,14 +84,19 @@ class PeakMemory:
             return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) * 1024
 
 
-def timed(loaded: LoadedModel, function: Callable[[], object]) -> tuple[float, object]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(loaded: LoadedModel, function: Callable[[], object], clock: str) -> tuple[float, object]:
+    """Seconds ``function`` took on ``clock``: "wall", or "cpu" (this process's CPU seconds, all threads:
+    with ``--threads 1`` the work done, whatever other jobs on a shared machine take from it)."""
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = CLOCKS[clock]()
     result = function()
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, result
+    return CLOCKS[clock]() - start, result
 
 
 def untraced_prefill(loaded: LoadedModel, ids: list[int]) -> DynamicCache:
@@ -173,6 +178,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared machine, with --threads 1)")
     parser.add_argument("--growth", action="store_true", help="also: prefill peaks at 1,000 and 8,000 tokens")
     parser.add_argument("--load-times", action="store_true", help="also: model load cold vs warm (GGUF)")
     parser.add_argument("--peak-of", choices=["untraced", "traced"], help=argparse.SUPPRESS)  # child process
@@ -209,7 +216,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, run in (("untraced", lambda: untraced_prefill(loaded, ids[:-1])),
                           ("traced", lambda: traced_prefill(loaded, ids[:-1]))):
-            seconds, _ = timed(loaded, run)
+            seconds, _ = timed(loaded, run, args.clock)
             times[name].append(seconds)
         cache = untraced_prefill(loaded, ids[:-1])
         for name in ("plain", "steps", "lens"):
@@ -218,7 +225,7 @@ def main() -> None:
                 run = lambda: plain_decode(loaded, ids, fresh, args.tokens)  # noqa: E731
             else:
                 run = traced_decode(loaded, state, args.tokens, with_lens=name == "lens")
-            seconds, tokens[name] = timed(loaded, run)
+            seconds, tokens[name] = timed(loaded, run, args.clock)
             times[name].append(seconds)
         del cache
     median = {name: statistics.median(values) for name, values in times.items()}
@@ -230,7 +237,7 @@ def main() -> None:
                                         min_new_tokens=args.tokens, do_sample=False)[0, len(ids):].tolist()
     same = next((i for i, (a, b) in enumerate(zip(tokens["steps"], scratch)) if a != b), len(scratch))
 
-    print(f"context {len(ids)} tokens, {args.tokens} greedy steps, median of {args.repeats}")
+    print(f"context {len(ids)} tokens, {args.tokens} greedy steps, median of {args.repeats}, {args.clock} clock")
     print(f"  prefill untraced ({loaded.model.config._attn_implementation:6s})      {median['untraced']:7.2f} s   "
           f"peak {mib(peaks['untraced'])}")
     print(f"  prefill traced (capture)        {median['traced']:7.2f} s   peak {mib(peaks['traced'])}")
