@@ -31,7 +31,7 @@ def test_greedy_tokens_equal_model_generate(loaded):
     session.start_turn("Tell me a story about a small robot.")
     records = session.generate(24)
     prompt = prompt_ids(session)
-    loaded.model.set_attn_implementation("sdpa")  # the reference runs the stock path
+    assert loaded.model.config._attn_implementation == "sdpa"  # tracing left the stock kernel in place
     reference = loaded.model.generate(
         torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

@@ -2,7 +2,12 @@
 
 Lines are written as records arrive, the logit lens computed in batches of
 records (one matrix product per batch instead of one per token), so ``-`` can be
-piped while the model writes. The schema is documented in the README.
+piped while the model writes. The schema is documented in the README; a
+step's ``attention`` (``AttentionEvidence.to_dict``) holds ``positions``,
+``mean`` and ``per_layer`` (``[[position, weight], ...]`` per layer) and, since
+kvtrace traces heads, ``per_head``: per layer, per query head, the strongest
+``[position, weight]`` pairs (``null`` when not captured). Readers of the
+older lines find every key they knew.
 """
 
 from __future__ import annotations
@@ -58,11 +63,7 @@ def step_line(record: StepRecord) -> dict[str, Any]:
         "logprob": record.logprob,
         "entropy": record.entropy,
         "top": _candidates(record.top),
-        "attention": None if attention is None else {
-            "positions": attention.positions,
-            "mean": attention.mean,
-            "per_layer": attention.per_layer,
-        },
+        "attention": None if attention is None else attention.to_dict(),
         "lens": None if record.lens is None else [
             {"layer": layer.layer, "top": _candidates(layer.top)} for layer in record.lens
         ],

@@ -113,9 +113,12 @@ def _check_causal(folder: Path) -> None:
         )
 
 
-def _model_kwargs(device: torch.device, dtype: torch.dtype, load_in_4bit: bool, notices: list[str]) -> dict:
+def _model_kwargs(device: torch.device, dtype: torch.dtype, load_in_4bit: bool, notices: list[str],
+                  device_map: str | dict[str, str | int] | None) -> dict:
     kwargs: dict = {"dtype": dtype}
-    if device.type == "cuda":
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif device.type == "cuda":
         kwargs["device_map"] = "auto"  # accelerate spreads large models over the GPUs (and CPU)
     if load_in_4bit:
         if device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None:
@@ -170,13 +173,18 @@ def load_model(
     dtype: str = "auto",
     load_in_4bit: bool = False,
     progress: Progress | None = None,
+    device_map: str | dict[str, str | int] | None = None,
 ) -> LoadedModel:
-    """Load the model named by ``spec``; any failure is a ``ModelLoadError`` with one clear line."""
+    """Load the model named by ``spec``; any failure is a ``ModelLoadError`` with one clear line.
+
+    ``device_map`` (accelerate's: ``"auto"`` or module name -> device) places the
+    layers itself; by default a CUDA load is spread with ``"auto"``, others sit on ``device``.
+    """
     report = progress or (lambda message: None)
     notices: list[str] = []
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
-    kwargs = _model_kwargs(torch_device, torch_dtype, load_in_4bit, notices)
+    kwargs = _model_kwargs(torch_device, torch_dtype, load_in_4bit, notices, device_map)
     try:
         if spec is None:
             path = embedded_model_path()
@@ -215,6 +223,27 @@ def load_model(
         context_limit=context_limit(model, tokenizer),
         notices=notices,
     )
+
+
+def module_device(model: torch.nn.Module, module: torch.nn.Module) -> torch.device:
+    """Where ``module``, a submodule of ``model``, computes, read from the model.
+
+    An accelerate hook on it or on an enclosing module names its execution
+    device (with CPU or disk offload the weights wait elsewhere); otherwise its
+    own weights tell. Split models (``device_map``) put layers on different devices.
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    parts = names[id(module)].split(".") if names[id(module)] else []
+    for end in range(len(parts), -1, -1):
+        hook = getattr(modules.get(".".join(parts[:end])), "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else model.device
 
 
 def _load_hub(spec: str, kwargs: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
