@@ -95,7 +95,6 @@ def test_export_import_continue_past_the_window_is_exact(sliding):
         assert torch.allclose(x, y, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=False, reason="needs snapshot format v2 (per-layer lengths)")
 def test_a_kvs_file_of_a_sliding_model_resumes_exactly(sliding, tmp_path):
     straight = started(sliding, 4)
     state = straight.export_state()
