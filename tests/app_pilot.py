@@ -34,6 +34,11 @@ async def send(pilot: Pilot, text: str) -> None:
     await wait_idle(pilot)
 
 
+def chat_lines(app: KvtraceApp) -> list[str]:
+    """The chat pane's paragraphs as plain text, unwrapped (the screen wraps them to the pane's width)."""
+    return [str(child.render()) for child in app.chat.children]
+
+
 def notifications(app: KvtraceApp) -> list[str]:
     return [n.message for n in app._notifications]
 

@@ -13,6 +13,7 @@ import pytest
 from transformers import ViTConfig
 
 from tests.conftest import REPO_ROOT
+from tracer import trace_schema
 
 
 def kvtrace(*args: str) -> subprocess.CompletedProcess:
@@ -41,8 +42,10 @@ def test_dump_writes_header_steps_and_end(tiny_llama_dir, tmp_path):
     assert header["type"] == "header" and header["fingerprint"]["num_kv_heads"] == 2
     assert header["settings"]["top_k"] == 4 and header["messages"][-1]["content"] == "Why is the sky blue?"
     assert header["prompt_tokens"][-1]["position"] == steps[0]["position"] - 1
+    assert trace_schema.problems(lines) == []
     assert [s["index"] for s in steps] == list(range(5)) and end == {
-        "type": "end", "stop_reason": "max_tokens", "generated": 5, "reply": end["reply"]}
+        "type": "end", "stop_reason": "max_tokens", "generated": 5, "transcript_tokens": steps[-1]["position"] + 1,
+        "reply": end["reply"]}
     for step in steps:
         assert len(step["top"]) == 4 and len(step["lens"]) == 2
         assert step["lens"][-1]["top"][0]["token_id"] == step["token_id"]  # greedy: the last layer decides

@@ -23,3 +23,11 @@ def bar(fraction: float, width: int) -> str:
     eighths = round(fraction * width * 8)
     full, rest = divmod(eighths, 8)
     return ("█" * full + ("" if rest == 0 else " ▏▎▍▌▋▊▉"[rest])).ljust(width)
+
+
+def loading_text(stage: str, done: int | None, total: int | None, eta: float | None, width: int = 24) -> str:
+    """A loading stage, with a bar and the time left when its work is counted ("Dequantizing ...")."""
+    if done is None or not total:
+        return f"Loading: {stage}"
+    left = "estimating the time left" if eta is None else f"about {max(round(eta), 1)} s left"
+    return f"Loading: {stage}\n{bar(done / total, width).replace(' ', '·')} {done}/{total} · {left}"
