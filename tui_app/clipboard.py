@@ -19,16 +19,20 @@ OSC52_LIMIT = 74_994  # bytes of text whose base64 fits the 100,000-byte sequenc
 def copy(app: App, text: str, what: str, folder: Path | None = None) -> tuple[str, bool]:
     """Copy ``text`` (described as ``what``); returns the sentence to tell the user and whether it failed."""
     path = (folder or Path.cwd()) / FALLBACK
-    terminal = not app.is_headless and len(text.encode("utf-8")) <= OSC52_LIMIT
-    if terminal:
+    if app.is_headless:
+        unavailable = "no terminal here"
+    elif len(text.encode("utf-8")) > OSC52_LIMIT:
+        unavailable = "too long for the terminal's clipboard"
+    else:
+        unavailable = None
         app.copy_to_clipboard(text)
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as error:
-        if terminal:
-            return (f"Copied {what} to the clipboard (OSC 52; the file {path} could not be written: "
-                    f"{error.strerror or error}).", False)
-        return f"Could not copy {what}: no terminal clipboard here, and {path} could not be written.", True
-    if terminal:
+        if unavailable is None:
+            return (f"Copied {what} to the clipboard (OSC 52); {path} could not be written: "
+                    f"{error.strerror or error}.", False)
+        return f"Could not copy {what}: {unavailable}, and {path} could not be written.", True
+    if unavailable is None:
         return f"Copied {what} to the clipboard (OSC 52) and to {path}.", False
-    return f"Wrote {what} to {path} (no terminal clipboard here).", False
+    return f"Wrote {what} to {path} ({unavailable}).", False

@@ -41,11 +41,12 @@ def default_name() -> str:
 
 def existing(path: str) -> str | None:
     """A few words on the file ``path`` names, if there is one: its size and when it was written."""
+    target = Path(path).expanduser()
     try:
-        stat = Path(path).expanduser().stat()
+        if not target.is_file():
+            return None
+        stat = target.stat()
     except OSError:
-        return None
-    if not Path(path).expanduser().is_file():
         return None
     return f"{byte_count(stat.st_size)}, written {time.strftime('%Y-%m-%d %H:%M', time.localtime(stat.st_mtime))}"
 
@@ -67,29 +68,30 @@ class SaveScreen(FormScreen[SaveRequest | None]):
             yield Label("File name")
             yield Input(self.path, id="path")
             yield Label("", id="exists", classes="muted")
+            yield Label("", id="error")
             yield Label("Codec")
             yield Select(CHOICES, value=self.codec, allow_blank=False, id="codec")
             yield self.buttons("Save")
 
     def on_mount(self) -> None:
         self.query_one("#path", Input).focus()
-        if self.error:
-            self._say(self.error, error=True)
+        self._error(self.error or "")
 
-    def _say(self, text: str, *, error: bool = False) -> None:
-        message = text[:1].upper() + text[1:] if error else text
-        self.query_one("#exists", Label).update(Text(message, style="bold red" if error else ""))
+    def _error(self, text: str) -> None:
+        """The reason the last try failed (a use-case message: a lowercase fragment), in red."""
+        shown = text[:1].upper() + text[1:] + ("." if text and not text.endswith(".") else "")
+        self.query_one("#error", Label).update(Text(shown, style="bold red"))
 
     def _submit(self) -> None:
         typed = self.query_one("#path", Input).value.strip()
         if not typed:
-            self._say("type a file name first", error=True)
+            self._error("type a file name first")
             return
         path = str(Path(typed).expanduser())
         try:
             output_target(path)
         except SnapshotError as error:
-            self._say(str(error), error=True)
+            self._error(str(error))
             return
         request = SaveRequest(path, str(self.query_one("#codec", Select).value))
         found = existing(path)
@@ -98,8 +100,14 @@ class SaveScreen(FormScreen[SaveRequest | None]):
             return
         question = ConfirmScreen(f"Replace {Path(path).name}?", f"{path} exists ({found}); saving replaces it.",
                                  [Answer("y", "Replace", REPLACE, "warning")])
-        self.app.push_screen(question, lambda answer: self.dismiss(request) if answer == REPLACE else None)
+
+        def answered(answer: str | None) -> None:
+            if answer == REPLACE:
+                self.dismiss(request)
+
+        self.app.push_screen(question, answered)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         found = existing(event.value.strip())
-        self._say(f"A file with this name exists ({found}): Save asks before replacing it." if found else "")
+        shown = f"A file with this name exists ({found}): Save asks before replacing it." if found else ""
+        self.query_one("#exists", Label).update(shown)
