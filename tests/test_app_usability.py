@@ -424,20 +424,34 @@ async def test_loading_shows_a_progress_bar_and_the_time_left():
     release = threading.Event()
 
     def loader(progress):
-        progress("Dequantizing model.gguf (first load only)")
-        progress.fraction(0, 20)
-        release.wait(0.3)
-        progress.fraction(10, 20)
+        progress("Dequantizing model.gguf (first load only, about 20 s)")
+        progress.expect(20.0)
+        progress("Converting the tokenizer (first load only)")  # the clock goes on across the stages
         release.wait(5)
         return FakeSession()
 
     app = KvtraceApp(opener=loader)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: "10/20" in screen_text(app))
+        await wait_until(pilot, lambda: "Converting the tokenizer" in chat_lines(app)[0])
+        await pilot.pause(1.2)
+        progress = chat_lines(app)[0]
+        assert "█" in progress and any(f"about {n} s left" in progress for n in (18, 19))
         text = screen_text(app)
-        assert "s left" in text and "█" in text and "ctx 0/0" not in text
+        assert "ctx 0/0" not in text and "● loading" in text
         release.set()
         await wait_until(pilot, lambda: app.view is not None)
+        assert "is ready" in chat_lines(app)[0]
+
+
+def test_a_first_load_is_announced_with_this_machines_pace(tmp_path, monkeypatch):
+    from tracer import gguf_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x" * 2_000_000)
+    assert gguf_cache.expected_first_load(model) == pytest.approx(2 * gguf_cache.SECONDS_PER_MB)
+    gguf_cache.record_first_load(model, 3.0)
+    assert gguf_cache.expected_first_load(model) == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)])

@@ -84,11 +84,11 @@ class SessionView:
 
 @dataclass(frozen=True)
 class Progress:
-    """A stage of opening the session ("Dequantizing ..."), with ``done`` of ``total`` items when counted."""
+    """A stage of opening the session ("Dequantizing ..."); ``expected``: the seconds the work starting
+    here should take (a first GGUF load), for a progress bar and the time left."""
 
     text: str
-    done: int | None = None
-    total: int | None = None
+    expected: float | None = None
 
 
 @dataclass(frozen=True)

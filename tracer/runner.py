@@ -54,8 +54,8 @@ T = TypeVar("T")
 
 
 class OpenProgress:
-    """The progress callback an opener gets: stages as ``Progress`` events, and counted work within a
-    stage through ``fraction`` (``tracer.loading`` reports the GGUF dequantization tensor by tensor)."""
+    """The progress callback an opener gets: stages as ``Progress`` events, and with ``expect`` how long
+    the work starting at the current stage should take (``tracer.loading`` says so for a first GGUF load)."""
 
     def __init__(self, emit: Callable[[Event], None]) -> None:
         self._emit = emit
@@ -65,8 +65,8 @@ class OpenProgress:
         self._stage = text
         self._emit(Progress(text))
 
-    def fraction(self, done: int, total: int) -> None:
-        self._emit(Progress(self._stage, done, total))
+    def expect(self, seconds: float) -> None:
+        self._emit(Progress(self._stage, expected=seconds))
 
 
 class SessionRunner:
@@ -181,7 +181,7 @@ class SessionRunner:
         Loading stages go to ``progress``; use ``call`` for the work itself.
         """
         def stages(event: Event) -> None:
-            if isinstance(event, Progress) and event.done is None:  # stages only: no line per counted item
+            if isinstance(event, Progress) and event.expected is None:  # each stage once
                 progress(event.text)
 
         runner = cls(stages)

@@ -21,6 +21,7 @@ from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.containers import Container, Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
+from textual.timer import Timer
 from textual.widgets import Footer, Input, Static
 
 from kvstore.pruning import PruneSpec
@@ -95,7 +96,9 @@ class KvtraceApp(App[None]):
         self._run_steps = 0
         self._live_reply = ""
         self._token_texts: dict[int, str] = {}
-        self._counting: tuple[str, float, int] | None = None  # the counted loading stage: text, start, done
+        self._stage = ""  # the model loading stage shown
+        self._clock: tuple[float, float] | None = None  # timed loading work: when it started, seconds expected
+        self._ticker: Timer | None = None
 
     # -- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -145,14 +148,20 @@ class KvtraceApp(App[None]):
             handler(self, message.event)
 
     def _progress(self, event: events.Progress) -> None:
-        eta = None
-        if event.done is not None and event.total:
-            if self._counting is None or self._counting[0] != event.text:
-                self._counting = (event.text, time.monotonic(), event.done)
-            _, started, first = self._counting
-            if event.done > first:
-                eta = (time.monotonic() - started) / (event.done - first) * (event.total - event.done)
-        self.chat.show_progress(loading_text(event.text, event.done, event.total, eta))
+        self._stage = event.text
+        if event.expected is not None:  # timed work starts: a bar from now on, redrawn as time passes
+            self._clock = (time.monotonic(), event.expected)
+            self._ticker = self._ticker or self.set_interval(0.5, self._draw_progress)
+        self._draw_progress()
+
+    def _draw_progress(self) -> None:
+        if self.view is not None or self.load_error is not None:
+            if self._ticker is not None:
+                self._ticker.stop()
+            return
+        started, expected = self._clock or (0.0, None)
+        elapsed = time.monotonic() - started if self._clock else None
+        self.chat.show_progress(loading_text(self._stage, elapsed, expected))
 
     def _opened(self, event: events.Opened) -> None:
         view = event.view

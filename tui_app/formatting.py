@@ -25,9 +25,11 @@ def bar(fraction: float, width: int) -> str:
     return ("█" * full + ("" if rest == 0 else " ▏▎▍▌▋▊▉"[rest])).ljust(width)
 
 
-def loading_text(stage: str, done: int | None, total: int | None, eta: float | None, width: int = 24) -> str:
-    """A loading stage, with a bar and the time left when its work is counted ("Dequantizing ...")."""
-    if done is None or not total:
+def loading_text(stage: str, elapsed: float | None, expected: float | None, width: int = 24) -> str:
+    """A loading stage; for timed work a bar of the time spent against the time it should take."""
+    if elapsed is None or not expected:
         return f"Loading: {stage}"
-    left = "estimating the time left" if eta is None else f"about {max(round(eta), 1)} s left"
-    return f"Loading: {stage}\n{bar(done / total, width).replace(' ', '·')} {done}/{total} · {left}"
+    left = expected - elapsed
+    estimate = f"about {round(left)} s left" if left >= 1 else f"taking longer than the usual {round(expected)} s"
+    return (f"Loading: {stage}\n{bar(min(elapsed / expected, 0.99), width).replace(' ', '·')} "
+            f"{round(elapsed)} s · {estimate}")
