@@ -20,7 +20,7 @@ from tui_app.app import KvtraceApp
 from tui_app.cli import build_parser
 from tui_app.commands.app import session_opener
 from tui_app.widgets.attention import strongest
-from tui_app.widgets.lens import settling_layer
+from tracer.lens import settling_layer
 
 
 @pytest.fixture(scope="module")

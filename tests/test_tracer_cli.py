@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -137,8 +138,28 @@ def test_print_renders_a_readable_trace(tiny_llama_dir, capsys):
     assert main(["--print", "--model", str(tiny_llama_dir), "--prompt", "Why is the sky blue?",
                  "--max-new-tokens", "4"]) == 0
     shown = capsys.readouterr().out
-    assert "Why is the sky blue?" in shown and "Step by step" in shown and " L1 " in shown
-    assert all(len(line) <= 80 for line in shown.splitlines())  # laid out for the width it gets
+    assert "Why is the sky blue?" in shown and "Step by step" in shown and "settles" in shown
+    lines = shown.splitlines()
+    assert all(len(line) <= 80 for line in lines)  # laid out for the width it gets
+    rows = [line for line in lines if re.match(r"^ +[0-3] ", line)]
+    assert [row.split()[0] for row in rows] == ["0", "1", "2", "3"]  # one line per token, none wrapped
+
+
+def test_print_uses_a_wide_terminal_for_lens_columns(tiny_llama_dir):
+    from rich.console import Console
+
+    from tracer.loading import load_model
+    from tracer.render import trace_view
+    from tracer.session import TraceSession
+
+    session = TraceSession(load_model(str(tiny_llama_dir)))
+    session.start_turn("Why is the sky blue?")
+    session.generate(3)
+    console = Console(width=140, record=True, file=io.StringIO())
+    console.print(trace_view(session, "Why is the sky blue?", 140))
+    shown = console.export_text()
+    assert " L0 " in shown and " L1 " in shown and "█" in shown
+    assert all(len(line) <= 140 for line in shown.splitlines())
 
 
 def test_hub_id_in_the_local_cache_loads_offline(tiny_gpt2_dir, tmp_path):

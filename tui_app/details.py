@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from tracer.records import Candidate, StepRecord
 from tracer.token_text import visible
-from tui_app.widgets.lens import settling_layer
+from tracer.lens import settling_layer
 
 
 def _candidates(top: list[Candidate]) -> str:

@@ -15,20 +15,11 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
+from tracer.lens import settling_layer
 from tracer.records import LensLayer, StepRecord
 from tracer.token_text import visible
 
 PLACEHOLDER = "Select a generated token to see the per-layer lens."
-
-
-def settling_layer(layers: list[LensLayer], token_id: int) -> int | None:
-    """The first layer from which ``token_id`` is top-1 in every later layer (None: never)."""
-    settled = None
-    for layer in reversed(layers):
-        if not layer.top or layer.top[0].token_id != token_id:
-            break
-        settled = layer.layer
-    return settled
 
 
 def rows_to_show(count: int, room: int, settle: int | None) -> list[int]:
