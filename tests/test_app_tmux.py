@@ -1,5 +1,6 @@
-"""The real ``python -m tui_app`` in tmux at 80×24 [slow]: type a prompt, save with ctrl+s, quit;
-then check the snapshot file and what the screen showed (capture-pane)."""
+"""The real ``python -m tui_app`` in tmux at 80×24 [slow]: type a prompt, save with ctrl+s, quit; and the
+flows that ask before losing work (quit, overwrite, prune and its undo); then check the snapshot files and
+what the screen showed (capture-pane)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ def screen(name: str) -> str:
     return tmux("capture-pane", "-p", "-t", name).stdout
 
 
+def flat(text: str) -> str:
+    """The screen's words on one line (panes, dialogs and notifications wrap)."""
+    return " ".join(text.split())
+
+
 def wait_for(name: str, predicate, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -42,7 +48,7 @@ def test_type_save_quit_in_tmux(tmp_path):
     command = f"cd {REPO_ROOT} && {sys.executable} -m tui_app --max-new-tokens 8 --device cpu"
     assert tmux("new-session", "-d", "-s", name, "-x", "80", "-y", "24", command).returncode == 0
     try:
-        wait_for(name, lambda s: "is ready" in s, timeout=180)
+        wait_for(name, lambda s: "is ready" in flat(s), timeout=180)
         tmux("send-keys", "-t", name, "-l", "Why is the sky blue?")
         tmux("send-keys", "-t", name, "Enter")
         reply = wait_for(name, lambda s: "assistant:" in s and "● idle" in s, timeout=180)
@@ -67,3 +73,83 @@ def test_type_save_quit_in_tmux(tmp_path):
     state = load(path)
     assert state.metadata["messages"][0]["content"] == "Why is the sky blue?"
     assert len(state.token_ids) == state.positions[-1] + 2  # prompt + 8 tokens, the last pending
+
+
+def start(name: str, tmp_path: Path) -> None:
+    command = f"cd {tmp_path} && {sys.executable} -m tui_app --max-new-tokens 8 --device cpu"
+    env = f"PYTHONPATH={REPO_ROOT}"
+    assert tmux("new-session", "-d", "-s", name, "-x", "80", "-y", "24", f"{env} sh -c '{command}'").returncode == 0
+    wait_for(name, lambda s: "is ready" in flat(s), timeout=180)
+
+
+def keys(name: str, *names: str, literal: str | None = None) -> None:
+    """Type ``literal``, then press ``names``, with the pauses of a person (a terminal app reads Escape
+    sequences with a short timeout, so keys sent all at once can merge)."""
+    if literal is not None:
+        tmux("send-keys", "-t", name, "-l", literal)
+        time.sleep(0.3)
+    for key in names:
+        tmux("send-keys", "-t", name, key)
+        time.sleep(0.3)
+
+
+def test_quit_overwrite_and_prune_ask_first_in_tmux(tmp_path):
+    name = f"kvtrace-test-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "kept.kvs"
+    start(name, tmp_path)
+    try:
+        keys(name, "Enter", literal="Why is the sky blue?")
+        wait_for(name, lambda s: "assistant:" in s and "● idle" in s, timeout=180)
+        keys(name, "q")  # an unsaved turn: asks
+        wait_for(name, lambda s: "Quit kvtrace?" in s and "not saved" in flat(s), timeout=30)
+        keys(name, "Escape")
+        wait_for(name, lambda s: "Quit kvtrace?" not in s, timeout=30)
+
+        keys(name, "C-s")
+        wait_for(name, lambda s: "Save a snapshot" in s, timeout=30)
+        keys(name, "C-u")
+        keys(name, "Enter", literal=str(path))
+        wait_for(name, lambda s: "Saved" in s, timeout=60)
+        first = path.stat().st_mtime_ns
+        time.sleep(1.1)  # the next notification must be a new one
+        keys(name, "C-s")
+        wait_for(name, lambda s: "Save a snapshot" in s, timeout=30)
+        keys(name, "C-u")
+        keys(name, "Enter", literal=str(path))
+        wait_for(name, lambda s: "Replace kept.kvs?" in s, timeout=30)
+        keys(name, "y")
+        wait_for(name, lambda s: "Replace kept.kvs?" not in s and "Saved" in s, timeout=60)
+        assert path.stat().st_mtime_ns != first
+
+        keys(name, "p")  # prune: Enter in the budget field only goes to the button
+        dialog = wait_for(name, lambda s: "Prune the KV cache" in s and "Drop " in s, timeout=30)
+        assert "Drops " in flat(dialog)
+        keys(name, "Enter")
+        time.sleep(1)
+        assert "Prune the KV cache" in screen(name)
+        keys(name, "Enter")
+        pruned = wait_for(name, lambda s: "Pruned" in s, timeout=60)
+        assert "u to undo" in flat(pruned)
+        keys(name, "u")
+        wait_for(name, lambda s: "Prune undone" in flat(s), timeout=60)
+        keys(name, "q")  # the undo restored the saved state: nothing to lose, so no question
+        deadline = time.monotonic() + 30
+        while tmux("has-session", "-t", name).returncode == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tmux("has-session", "-t", name).returncode != 0, "q after the undo should quit at once"
+
+        start(name, tmp_path)  # again: prune and quit without saving, answering the question
+        keys(name, "Enter", literal="Hello")
+        wait_for(name, lambda s: "assistant:" in s and "● idle" in s, timeout=180)
+        keys(name, "q")
+        wait_for(name, lambda s: "Quit kvtrace?" in s, timeout=30)
+        keys(name, "q")
+        deadline = time.monotonic() + 30
+        while tmux("has-session", "-t", name).returncode == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tmux("has-session", "-t", name).returncode != 0, "q in the question did not quit"
+    finally:
+        tmux("kill-session", "-t", name)
+    state = load(path)
+    assert state.metadata["messages"][0]["content"] == "Why is the sky blue?"
+    assert len(state.positions) == len(state.token_ids) - 1  # the file holds the saved, unpruned cache
