@@ -553,6 +553,9 @@ class KvtraceApp(App[None]):
                 return
             text, name = token_details(record, self._token_text), f"token #{record.index}'s details"
         elif what == "reply":
+            if not self._live_reply.strip():
+                self.notify("There is no reply yet.", severity="warning")
+                return
             text, name = self._live_reply + "\n", "the reply"
         else:
             text, name = chat_text(*self._conversation()), "the chat"

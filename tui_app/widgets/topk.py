@@ -73,9 +73,9 @@ class TopKPane(Static):
         self.border_title = f"Top-k · token #{record.index}"
         table = Table.grid(padding=(0, 1))
         table.add_column(width=2, no_wrap=True)
-        table.add_column(ratio=2, no_wrap=True, overflow="ellipsis")
+        table.add_column(no_wrap=True, overflow="ellipsis", max_width=20)
         table.add_column(justify="right", no_wrap=True)
-        table.add_column(ratio=3, no_wrap=True)
+        table.add_column(no_wrap=True)
         for i, cand in enumerate(record.top):
             chosen = cand.token_id == record.token_id
             mark = ("▶" if i == self.cursor else " ") + ("●" if chosen else " ")
