@@ -61,7 +61,7 @@ class ChatView(VerticalScroll, inherit_bindings=False):
         widgets += [Static(Text(f"― {note}"), classes="note ending") for note in notes]
         if widgets:
             self.mount(*widgets)
-        self.scroll_end(animate=False)
+        self.call_after_refresh(self.scroll_end, animate=False)  # once the new paragraphs have their heights
 
     def clear_notes(self) -> None:
         """The reply goes on: notes on how it ended no longer hold."""
