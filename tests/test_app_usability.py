@@ -135,6 +135,12 @@ async def test_quit_does_not_ask_once_saved_and_asks_again_after_a_change(tmp_pa
         await pilot.press("escape")
         await save_by_keys(pilot, tmp_path / "t.kvs")
         app.timeline.focus()
+        await pilot.press("p", "enter", "enter")
+        await wait_idle(pilot)
+        assert app.view.unsaved
+        await pilot.press("u")  # the undo puts back exactly the saved state
+        await wait_idle(pilot)
+        assert not app.view.unsaved
         await pilot.press("q")
     assert not app.is_running
 
@@ -366,6 +372,7 @@ async def test_the_chat_says_why_each_reply_stopped():
         await pilot.press("escape")
         await wait_idle(pilot)
         assert chat_lines(app)[-1] == "― stopped (Esc) · g continues"
+        session.step_delay = 0
         await pilot.press("g")
         await wait_idle(pilot)
         assert session.stop_reason == "eos" and chat_lines(app)[-1] == "― end of answer"
