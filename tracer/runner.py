@@ -87,7 +87,7 @@ class SessionRunner:
         self._saved_version = 0  # the version last saved or loaded
         self._saved_to: str | None = None
         self._before_prune: tuple[KVState, int] | None = None  # the state and version a prune replaced
-        self._next_version = 1
+        self._next_version = 1  # never reused: an undone version can never equal a later one
         self._thread = threading.Thread(target=self._work, name="kvtrace-runner", daemon=True)
         self._thread.start()
 
