@@ -29,6 +29,17 @@ FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "fina
 ROWS_PER_BATCH = 512  # lens rows per matrix product: bounds memory at rows x vocab floats
 
 
+def settling_layer(layers: list[LensLayer], token_id: int) -> int | None:
+    """The first layer from which ``token_id`` is top-1 in every later layer (None: never): where the model
+    made up its mind."""
+    settled = None
+    for layer in reversed(layers):
+        if not layer.top or layer.top[0].token_id != token_id:
+            break
+        settled = layer.layer
+    return settled
+
+
 def find_final_norm(model: PreTrainedModel) -> nn.Module | None:
     base = model.base_model
     for name in FINAL_NORM_NAMES:

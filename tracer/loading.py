@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 FALLBACK_CONTEXT = 4096  # when neither the config nor the tokenizer states a limit
 
-Progress = Callable[[str], None]
+Progress = Callable[[str], None]  # may also have ``expect(seconds)``: how long the stage just named should take
 
 
 @dataclass
@@ -137,13 +138,23 @@ def _load_pretrained(source: str | Path, kwargs: dict, *, local_only: bool) -> t
 
 
 def _load_gguf(path: Path, kwargs: dict, dtype: torch.dtype, progress: Progress) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load from the dequantized cache when present; otherwise dequantize now and fill the cache."""
+    """Load from the dequantized cache when present; otherwise dequantize now and fill the cache.
+
+    A first load takes a while (transformers reports nothing as it goes), so it is announced with how
+    long it should take (``progress.expect``, when the callback has it): the last first load on this
+    machine, per megabyte of GGUF file, or a default rate.
+    """
     progress(f"Checking the cache for {path.name}")
     folder = gguf_cache.cached_folder(path, str(dtype).removeprefix("torch."))
     if gguf_cache.is_complete(folder):
         progress(f"Loading {path.name} from the cache ({folder})")
         return _load_pretrained(folder, kwargs, local_only=True)
-    progress(f"Dequantizing {path.name} (first load only)")
+    expected = gguf_cache.expected_first_load(path)
+    progress(f"Dequantizing {path.name} (first load only, about {max(round(expected), 1)} s)")
+    expect = getattr(progress, "expect", None)
+    if expect is not None:
+        expect(expected)
+    started = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     progress("Converting the tokenizer (first load only)")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -152,6 +163,7 @@ def _load_gguf(path: Path, kwargs: dict, dtype: torch.dtype, progress: Progress)
         gguf_cache.write_cache(folder, model, tokenizer, path)
     except OSError as error:  # a read-only cache costs speed, not correctness
         progress(f"Could not write the cache ({_one_line(error)}); the next load will dequantize again")
+    gguf_cache.record_first_load(path, time.monotonic() - started)
     return model, tokenizer
 
 

@@ -117,6 +117,11 @@ class TraceSession:
         return self.engine.attention_available
 
     @property
+    def attention_scores(self) -> list[float] | None:
+        """Attention received so far by each cache entry (what heavy-hitter pruning ranks); None untraced."""
+        return self.engine.layout.attention_scores() if self.attention_available else None
+
+    @property
     def lens_supported(self) -> bool:
         """False when the model's final norm or output head was not found (a notice says so)."""
         return self._lens is not None
@@ -344,6 +349,7 @@ class TraceSession:
         self.branches[i] = self._current_line(label)
         self._restore(other.state)
         self.records, self._hidden, self._turns = list(other.records), list(other.hidden), list(other.turns)
+        self.stop_reason = other.state.metadata.get("stop_reason")  # the line ended as it did when set aside
 
     # ------------------------------------------------------- export / import
     def export_state(self) -> KVState:
