@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from kvstore.state import ModelFingerprint
 from tracer.lines import LineNumbers, LineSummary
 from tracer.protocol import Session
-from tracer.records import LensLayer, StepRecord
+from tracer.compare import LineComparison
+from tracer.records import StepRecord
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class SessionView:
     unsaved: bool = False  # changed since it was last saved or loaded
     saved_to: str | None = None  # where it was last saved or loaded from (changed since if ``unsaved``)
     can_undo_prune: bool = False  # the state before the last prune is kept (until the next turn)
+    line_name: str = ""  # the name given to the current line
 
     @property
     def context_tokens(self) -> int:
@@ -79,6 +81,7 @@ class SessionView:
             unsaved=unsaved,
             saved_to=saved_to,
             can_undo_prune=can_undo_prune,
+            line_name=lines.names.get(lines.current, ""),
         )
 
 
@@ -132,8 +135,18 @@ class RunEnded:
 
 @dataclass(frozen=True)
 class LensReady:
-    index: int
-    layers: list[LensLayer]
+    """The lens of these records is computed: each carries its ``lens``, ``lens_stats`` and ``attribution`` now."""
+
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Compared:
+    """Two lines, by number, side by side from where they part."""
+
+    a: int
+    b: int
+    comparison: LineComparison
 
 
 @dataclass(frozen=True)
@@ -158,4 +171,5 @@ class TaskEnded:
     view: SessionView | None = None
 
 
-Event = Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | TaskProgress | TaskEnded
+Event = (Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | Compared
+         | TaskProgress | TaskEnded)

@@ -1,7 +1,9 @@
 """The logit-lens table: what each layer would have predicted at the selected step.
 
 One row per layer; ``◆`` marks the first layer from which the final choice
-stays on top through the last layer. When the pane is shorter than the model
+stays on top through the last layer. Beside it, signed bars of what each
+layer's attention block and MLP added to the chosen token's logit (direct
+logit attribution, ``tracer.attribution``), where the runner computed it. When the pane is shorter than the model
 is deep, it shows as many layers as fit, spread over the depth, always with
 the first and last layers and the settling layer and the one before it, so
 where the model made up its mind is always on screen. Filled lazily (the app
@@ -16,10 +18,12 @@ from rich.text import Text
 from textual.widgets import Static
 
 from tracer.lens import settling_layer
-from tracer.records import LensLayer, StepRecord
+from tracer.records import Attribution, LensLayer, StepRecord
 from tracer.token_text import visible
+from tui_app.formatting import signed_bar
 
 PLACEHOLDER = "Select a generated token to see the per-layer lens."
+BAR_HALF = 2  # cells on each side of an attribution bar's centre
 
 
 def rows_to_show(count: int, room: int, settle: int | None) -> list[int]:
@@ -52,6 +56,7 @@ class LensPane(Static):
 
     def show_pending(self, record: StepRecord | None, waiting: str) -> None:
         self.record, self.lens_layers = record, None
+        self.border_subtitle = ""
         self.border_title = "Lens" if record is None else f"Lens · #{record.index}"
         self.update(waiting)
 
@@ -80,6 +85,9 @@ class LensPane(Static):
         table.add_column("L", justify="right", no_wrap=True)
         table.add_column("top-1", ratio=2, no_wrap=True, overflow="ellipsis")
         table.add_column("p", justify="right", no_wrap=True)
+        bars = self._bars(record.attribution, len(layers))
+        for title in bars:
+            table.add_column(title, no_wrap=True)
         table.add_column("next", ratio=3, no_wrap=True, overflow="ellipsis")
         for row in shown:
             layer = layers[row]
@@ -90,5 +98,21 @@ class LensPane(Static):
             rest = "  ".join(f"{visible(c.text)} {c.prob:.2f}" for c in layer.top[1:4])
             table.add_row(Text(f"{mark}{layer.layer}", style="bold" if mark != " " else "dim"),
                           Text(visible(best.text), style=style), Text(f"{best.prob:.3f}", style=style),
-                          Text(rest, style="dim"))
+                          *(column[layer.layer] for column in bars.values()), Text(rest, style="dim"))
         self.update(table)
+
+    def _bars(self, attribution: Attribution | None, count: int) -> dict[str, list[Text]]:
+        """Per bar column (attention and MLP, or the whole layer), a signed bar per layer; the subtitle says
+        what the bars add up to."""
+        if attribution is None or len(attribution.layers) != count:
+            self.border_subtitle = ""
+            return {}
+        layers = attribution.layers.tolist()
+        parts = ({"attn": attribution.attention.tolist(),
+                  "mlp": [t - a for t, a in zip(layers, attribution.attention.tolist())]}
+                 if attribution.attention is not None else {"added": layers})
+        scale = max((abs(v) for values in parts.values() for v in values), default=0.0) or 1.0
+        self.border_subtitle = (f"added to logit−mean {attribution.total:+.2f}: embedding "
+                                f"{attribution.embedding:+.2f}, bars ±{scale:.2f}")
+        return {title: [Text(signed_bar(v / scale, BAR_HALF), style="green" if v >= 0 else "red") for v in values]
+                for title, values in parts.items()}
