@@ -22,7 +22,7 @@ import torch
 from kvstore.errors import SnapshotError
 from kvstore.snapshot import check_fingerprint
 from kvstore.state import KVState
-from tracer import capture, chat
+from tracer import capture, chat, trace_codec
 from tracer.detokenize import IncrementalDecoder
 from tracer.engine import Engine
 from tracer.errors import PromptError, TracerError
@@ -287,13 +287,14 @@ class TraceSession:
         with self._lens_lock:
             if self._lens is None:
                 return [[] for _ in indices]
-            missing = [i for i in indices if self.records[i].lens is None]
+            # records restored from a snapshot's trace have no hidden states: only a lens computed before the save
+            missing = [i for i in indices if self.records[i].lens is None and self._hidden[i] is not None]
             if missing:
                 stacked = torch.stack([self._hidden[i] for i in missing])
                 last = stacked.shape[1]
                 for i, layers in zip(missing, self._lens.top(stacked, self.top_k, self._piece)):
                     self.records[i].lens = [*layers, LensLayer(last, list(self.records[i].top))]
-            return [self.records[i].lens for i in indices]
+            return [self.records[i].lens or [] for i in indices]
 
     # --------------------------------------------------------------- branch
     def _crop(self, keep_tokens: int, keep_records: int) -> None:
@@ -311,10 +312,11 @@ class TraceSession:
         self._rendered = mark.rendered
         self._reply_start = mark.reply_start
         received = torch.zeros(keep_entries, dtype=torch.float64)
-        received[: len(mark.received)] = mark.received
+        received[: len(mark.received)] = mark.received[:keep_entries]  # shorter after pruning
         for record in self.records[mark.first_record : keep_records]:
             if record.attention is not None:
-                received[: len(record.attention.mean)] += torch.tensor(record.attention.mean, dtype=torch.float64)
+                mean = torch.tensor(list(record.attention.mean)[:keep_entries], dtype=torch.float64)
+                received[: len(mean)] += mean
         self.engine.crop(keep_entries, received)
         del self.records[keep_records:]
         del self._hidden[keep_records:]
@@ -383,6 +385,7 @@ class TraceSession:
                 # so ``kvtrace info`` can show the transcript without loading a model
                 "token_texts": self.token_texts(),
             },
+            trace=trace_codec.encode(self.records, self._turns),
         )
 
     def import_state(self, state: KVState) -> None:
@@ -390,7 +393,8 @@ class TraceSession:
 
         A state of the very transcript the session holds (this session's own state,
         pruned) keeps the step records, their lens and the branches: only the cache
-        changes. Any other state starts a fresh trace, since its steps were not traced here.
+        changes. Any other state brings back the trace it carries (records and turns;
+        a damaged trace is ignored, with a notice), or starts a fresh one.
         """
         check_fingerprint(state.fingerprint, self.loaded.fingerprint)
         try:
@@ -402,7 +406,23 @@ class TraceSession:
         if not same_transcript:
             self.records, self._hidden, self.branches = [], [], []
             self._turns = []
+            self._restore_trace(state)
+
+    def _restore_trace(self, state: KVState) -> None:
+        """The records and turn marks of ``state``'s trace (no hidden states: see ``lens_many``)."""
+        trace = None
+        if state.trace is not None:
+            try:
+                trace = trace_codec.decode(state.trace, self.token_ids, self.loaded.fingerprint.vocab_size,
+                                           len(self.messages))
+            except trace_codec.TraceError as error:
+                self._notice(f"{error}; the timeline starts empty")
+        if trace is None or not trace.turns:
             self._mark_turn()
+            return
+        self.records = trace.records
+        self._hidden = [None] * len(trace.records)
+        self._turns = [TurnMark(*turn) for turn in trace.turns]
 
     def _restore(self, state: KVState) -> None:
         self.engine.restore(state)
