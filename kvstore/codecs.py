@@ -83,7 +83,9 @@ class CastCodec:
         return [shuffle(stored) if self.shuffled else stored.contiguous().reshape(-1).view(torch.uint8)]
 
     def decode_into(self, data: torch.Tensor, out: torch.Tensor, role: str) -> None:
-        if self.store is None:
+        if self.direct:
+            out.view(-1).view(torch.uint8).copy_(data)
+        elif self.store is None:
             unshuffle_into(data, out)
         else:
             out.copy_(unshuffle(data, self.store, tuple(out.shape)))
