@@ -4,7 +4,7 @@ An entry holds a ``.kvs`` version 2 header (transcript, positions, metadata,
 fingerprint, codec, per-layer entry counts; parsed by ``kvstore.header`` with
 all its checks), its parent entry's name, its ranges (bounds, link and the
 chunks of each: key, SHA-256 of the chunk's header, file size) and the blocks
-of its trace. The file is a preamble, a msgpack document, its CRC-32 and an
+of its trace, and when it was saved. The file is a preamble, a msgpack document, its CRC-32 and an
 end marker; its name (``entries/NAME.kve``) is the entry's name.
 
 Reading checks the document's types and sizes, that the ranges tile the
@@ -29,6 +29,7 @@ from kvstore.chunking import context_digest, next_link, root_link
 from kvstore.codecs import DTYPE_NAMES
 from kvstore.errors import CorruptError, SnapshotError
 from kvstore.header import Header, HeaderDefect, decode_header, field_of, is_int, unpack_document
+from kvstore.metadata import sane_time
 from kvstore.records import write_header
 
 ENTRY = fmt.Framing(b"\x89KVE\r\n\x1a\n", (1,), b"KVE-END\n", "kvtrace store entry")
@@ -75,6 +76,7 @@ class BlockRef:
 @dataclass(frozen=True)
 class Entry:
     parent: str | None
+    saved: float  # when the entry was written (Unix seconds; 0.0 when absurd)
     header: Header
     header_bytes: bytes
     ranges: tuple[RangeRef, ...]
@@ -94,12 +96,13 @@ def entry_context(header: Header) -> bytes:
                           DTYPE_NAMES[header.dtype])
 
 
-def encode_entry(parent: str | None, header_bytes: bytes, ranges: Sequence[RangeRef],
+def encode_entry(parent: str | None, saved: float, header_bytes: bytes, ranges: Sequence[RangeRef],
                  blocks: Sequence[BlockRef]) -> bytes:
     """The bytes of an entry file."""
     doc = {
         "kind": KIND,
         "parent": parent,
+        "saved": saved,
         "header": header_bytes,
         "ranges": [[r.start, r.end, r.link, [[c.key, c.digest, c.size] for c in r.chunks]] for r in ranges],
         "trace": [[b.digest, b.length, b.size] for b in blocks],
@@ -122,6 +125,7 @@ def parse_entry(data: bytes) -> Entry:
         if parent is not None and not (isinstance(parent, str) and valid_name(parent)):
             raise HeaderDefect("the parent is not an entry name")
         header_bytes = field_of(doc, "header", bytes)
+        saved = sane_time(field_of(doc, "saved", (int, float))) or 0.0
     except HeaderDefect as defect:
         raise _corrupt(str(defect)) from None
     try:
@@ -133,7 +137,7 @@ def parse_entry(data: bytes) -> Entry:
         blocks = _blocks(field_of(doc, "trace", list), header)
     except HeaderDefect as defect:
         raise _corrupt(str(defect)) from None
-    return Entry(parent, header, header_bytes, ranges, blocks)
+    return Entry(parent, saved, header, header_bytes, ranges, blocks)
 
 
 def _corrupt(reason: str) -> CorruptError:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ class EntryInfo:
 
     name: str
     parent: str | None
-    created: float  # Unix seconds (0: unknown)
+    saved: float  # when the entry was written, Unix seconds (0: unknown)
     label: str
     tokens: int
     cached: int
@@ -164,7 +165,7 @@ class Store:
                     digest, encoded = encode_block(data)
                     ref = self._store_content("blocks", digest, lambda e=encoded: (e, b""), tally)
                     blocks.append(BlockRef(digest, len(data), ref.size))
-                entry = encode_entry(parent, header_bytes, ranges, blocks)
+                entry = encode_entry(parent, time.time(), header_bytes, ranges, blocks)
                 self._sync_content()
                 self._dir.replace(entry, self._dir.entry_path(name))
                 tally["written"] += len(entry)
@@ -506,10 +507,10 @@ class Store:
             own = sum(size for digest, size in sizes.items() if users[digest] == 1)
             h = entry.header
             metadata = {k: v for k, v in h.metadata.items() if k in ("messages", "reply", "label") and plain(v)}
-            infos.append(EntryInfo(name, entry.parent, h.created, h.label, len(h.token_ids), h.cache_length,
+            infos.append(EntryInfo(name, entry.parent, entry.saved, h.label, len(h.token_ids), h.cache_length,
                                    h.fingerprint.model_id, h.fingerprint, own,
                                    sum(sizes.values()) - own, metadata))
-        return sorted(infos, key=lambda i: (-i.created, i.name))
+        return sorted(infos, key=lambda i: (-i.saved, i.name))
 
     def remove(self, name: str) -> None:
         """Delete entry ``name`` (its chunks stay until ``gc``)."""
