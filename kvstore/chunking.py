@@ -260,7 +260,8 @@ def place(chunks: Sequence[tuple[int, int, Sequence[int], Layout]], entries: Seq
     for layer, total in enumerate(entries):
         held = filled[layer] or [0]
         if any(count != total for count in held):
-            raise check(f"the chunks hold {max(held)} entries of layer {layer} in some head, not the {total} "
-                        "its header declares")
+            wrong = next(count for count in held if count != total)
+            raise check(f"the chunks of layer {layer} hold {wrong} entries in some head, not the {total} its header "
+                        "declares")
     tables = [[np.concatenate(rows) for rows in layer] for layer in positions]
     return placements, tables
