@@ -39,7 +39,7 @@ def wait_for(name: str, predicate, timeout: float) -> str:
 def test_type_save_quit_in_tmux(tmp_path):
     name = f"kvtrace-test-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "tmux.kvs"
-    command = f"cd {REPO_ROOT} && {sys.executable} -m tui_app --max-new-tokens 8 --device cpu"
+    command = f"cd {REPO_ROOT} && {sys.executable} -m tui_app --max-new-tokens 8 --device cpu --store {tmp_path}/store"
     assert tmux("new-session", "-d", "-s", name, "-x", "80", "-y", "24", command).returncode == 0
     try:
         wait_for(name, lambda s: "is ready" in s, timeout=180)

@@ -34,13 +34,14 @@ class SessionView:
     notices: tuple[str, ...]
     attention_available: bool
     lens_supported: bool
+    autosaved: str | None = None  # where the runner last saved the session (DIR:NAME), if it autosaves
 
     @property
     def context_tokens(self) -> int:
         return len(self.token_texts)
 
     @classmethod
-    def of(cls, session: Session) -> SessionView:
+    def of(cls, session: Session, autosaved: str | None = None) -> SessionView:
         """Read once, in the thread that owns the session."""
         loaded = session.loaded
         return cls(
@@ -60,6 +61,7 @@ class SessionView:
             notices=tuple(session.notices),
             attention_available=session.attention_available,
             lens_supported=session.lens_supported,
+            autosaved=autosaved,
         )
 
 
@@ -127,4 +129,13 @@ class TaskEnded:
     view: SessionView | None = None
 
 
-Event = Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | TaskEnded
+@dataclass(frozen=True)
+class AutoSaved:
+    """The runner saved the session to its store after a turn or a branch (or failed to: ``error``)."""
+
+    reference: str | None  # DIR:NAME written; None when the save failed
+    message: str
+    error: bool = False
+
+
+Event = Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | TaskEnded | AutoSaved

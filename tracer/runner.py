@@ -23,8 +23,10 @@ from typing import Any, TypeVar
 
 from kvstore.pruning import PruneSpec
 from tracer import usecases
+from tracer.autosave import Autosave
 from tracer.errors import UserError
 from tracer.events import (
+    AutoSaved,
     Event,
     LensReady,
     Opened,
@@ -47,8 +49,9 @@ T = TypeVar("T")
 class SessionRunner:
     """Runs jobs on a session in one worker thread and reports what happened as events."""
 
-    def __init__(self, listener: Listener, *, lock: Any = None) -> None:
+    def __init__(self, listener: Listener, *, lock: Any = None, autosave: Autosave | None = None) -> None:
         self._listener = listener
+        self.autosave = autosave  # saves every finished turn and branch to a store (in the worker)
         self.lock = lock if lock is not None else threading.Lock()
         self.view: SessionView | None = None
         self._session: Session | None = None
@@ -81,8 +84,17 @@ class SessionRunner:
 
     def _refresh(self) -> SessionView:
         assert self._session is not None
-        self.view = SessionView.of(self._session)
+        self.view = SessionView.of(self._session, self.autosave.last if self.autosave else None)
         return self.view
+
+    def _autosave(self, session: Session, kind: str) -> None:
+        """Save the session to the autosave store after a run of ``kind``; AutoSaved either way (never raises)."""
+        try:
+            message = self.autosave.save(session, kind)
+        except Exception as error:
+            self._emit(AutoSaved(None, f"autosave failed: {self._explain(error)}", error=True))
+            return
+        self._emit(AutoSaved(self.autosave.last, message))
 
     def call(self, job: Callable[[Session], T]) -> Future[T]:
         """Run ``job(session)`` in the worker (after what is queued); its result or error in the future.
@@ -144,7 +156,7 @@ class SessionRunner:
         self.open(lambda progress: session)
 
     # ------------------------------------------------------------- generation
-    def _start_run(self, prepare: Callable[[Session], Any] | None, steps: int | None) -> int:
+    def _start_run(self, prepare: Callable[[Session], Any] | None, steps: int | None, kind: str) -> int:
         self._run_id += 1
         run_id = self._run_id
         cancel = self._cancel = threading.Event()
@@ -153,6 +165,7 @@ class SessionRunner:
             session = self._session
             assert session is not None
             error = None
+            before = (len(session.token_ids), len(session.records))
 
             def on_step(record: StepRecord) -> None:
                 if not cancel.is_set():
@@ -166,21 +179,23 @@ class SessionRunner:
             except Exception as exc:
                 error = self._explain(exc)
             self._emit(RunEnded(run_id, session.stop_reason, error, self._refresh()))
+            if self.autosave is not None and (len(session.token_ids), len(session.records)) != before:
+                self._autosave(session, kind)
 
         self._jobs.put(run)
         return run_id
 
     def send(self, text: str, system: str | None = None) -> int:
         """A new user turn, then the reply up to the sampling settings' max new tokens; returns the run id."""
-        return self._start_run(lambda session: session.start_turn(text, system=system), None)
+        return self._start_run(lambda session: session.start_turn(text, system=system), None, "turn")
 
     def generate(self, steps: int | None = None) -> int:
         """More of the current reply (``steps`` tokens, default the settings' max new tokens)."""
-        return self._start_run(None, steps)
+        return self._start_run(None, steps, "more")
 
     def branch(self, index: int, token_id: int) -> int:
         """From generated token ``index``, continue with ``token_id`` instead (the old line is kept)."""
-        return self._start_run(lambda session: session.branch(index, token_id), None)
+        return self._start_run(lambda session: session.branch(index, token_id), None, "branch")
 
     def stop(self) -> None:
         """End the running generation within one step."""
@@ -220,10 +235,23 @@ class SessionRunner:
         self._task("save", lambda s: usecases.save(s, path, codec).describe(), changes_session=False)
 
     def load(self, path: str) -> None:
-        self._task("load", lambda s: usecases.load_into(s, path).describe(), changes_session=True)
+        """Continue from the snapshot ``path`` names (a ``.kvs`` file or ``DIR:NAME``)."""
+        def load(session: Session) -> str:
+            message = usecases.load_into(session, path).describe()
+            if self.autosave is not None:
+                self.autosave.loaded(path)
+            return message
+
+        self._task("load", load, changes_session=True)
 
     def prune(self, spec: PruneSpec) -> None:
-        self._task("prune", lambda s: usecases.prune(s, spec).describe(), changes_session=True)
+        def prune(session: Session) -> str:
+            message = usecases.prune(session, spec).describe()
+            if self.autosave is not None:
+                self.autosave.changed()
+            return message
+
+        self._task("prune", prune, changes_session=True)
 
     def export(self, path: str) -> None:
         self._task("export", lambda s: usecases.export_trace(s, path).describe(), changes_session=False)
@@ -232,6 +260,8 @@ class SessionRunner:
         def switch(session: Session) -> str:
             label = self.view.branch_labels[index] if self.view and index < len(self.view.branch_labels) else ""
             session.switch_branch(index)
+            if self.autosave is not None:
+                self.autosave.switched(index)
             return f"switched to branch {index} ({label}); the line you left takes its place in the list"
 
         self._task("branch", switch, changes_session=True)

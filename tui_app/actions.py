@@ -54,6 +54,8 @@ ACTIONS: list[Action] = [
     Action("prune", "ctrl+p,p", "Prune", "prune the KV cache (method, budget)", "Prune cache", key_display="p",
            footer=True),
     Action("export", "ctrl+e", "Export", "export the trace as JSON Lines", "Export trace", priority=True),
+    Action("history", "h", "History", "the snapshot store's history: every saved turn and branch, to go back to",
+           "History of saved turns"),
     Action("move(-1)", "left", "Previous token", "select the previous generated token", palette=False),
     Action("move(1)", "right", "Next token", "select the next generated token", palette=False),
     Action("first", "home", "First token", "select the first generated token", palette=False),

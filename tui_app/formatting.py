@@ -23,3 +23,14 @@ def bar(fraction: float, width: int) -> str:
     eighths = round(fraction * width * 8)
     full, rest = divmod(eighths, 8)
     return ("█" * full + ("" if rest == 0 else " ▏▎▍▌▋▊▉"[rest])).ljust(width)
+
+
+def age(saved: float, now: float) -> str:
+    """How long ago ``saved`` was (Unix seconds): ``12 s``, ``5 min``, ``3 h``, ``2 d``; ``?`` when unknown."""
+    if saved <= 0:
+        return "?"
+    seconds = max(0.0, now - saved)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"

@@ -19,7 +19,10 @@ def session_opener(args: argparse.Namespace):
 def run_app(args: argparse.Namespace) -> int:
     from tui_app.app import KvtraceApp
 
-    app = KvtraceApp(opener=session_opener(args), system=args.system, prompt=args.prompt or "")
+    from tracer.usecases import store_folder
+
+    app = KvtraceApp(opener=session_opener(args), system=args.system, prompt=args.prompt or "",
+                     store=str(store_folder(args.store)), autosave=not args.no_autosave)
     app.run()
     if app.load_error is not None:
         print(f"kvtrace: error: {app.load_error}", file=sys.stderr)

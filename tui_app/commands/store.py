@@ -9,23 +9,12 @@ from collections.abc import Callable
 from tui_app.commands.options import say
 
 
-def age(created: float, now: float | None = None) -> str:
-    """``12 s``, ``5 min``, ``3 h``, ``2 d`` since ``created`` (Unix seconds); ``?`` when unknown."""
-    if created <= 0:
-        return "?"
-    seconds = max(0.0, (now or time.time()) - created)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)} {unit}"
-    return f"{int(seconds)} s"
-
-
 def _ls(args: argparse.Namespace) -> int:
     from tracer import usecases
     from tracer.token_text import printable
-    from tui_app.formatting import short_bytes
+    from tui_app.formatting import age, short_bytes
 
-    folder = usecases.store_folder(args.store)
+    folder, now = usecases.store_folder(args.store), time.time()
     entries = usecases.list_store(args.store)
     rows = [("NAME", "TOKENS", "OWN", "SHARED", "PARENT", "AGE", "LABEL")]
     for e in entries:
@@ -33,7 +22,7 @@ def _ls(args: argparse.Namespace) -> int:
             rows.append((e.name, "-", "-", "-", "-", "-", f"unreadable: {e.error}"))
         else:
             rows.append((e.name, f"{e.tokens:,}", short_bytes(e.own_bytes), short_bytes(e.shared_bytes),
-                         e.parent or "-", age(e.saved), e.label))
+                         e.parent or "-", age(e.saved, now), e.label))
     widths = [max(len(printable(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(printable(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + printable(row[-1]))

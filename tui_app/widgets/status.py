@@ -29,6 +29,7 @@ class Status:
     kv_bytes: int = 0
     tokens_per_second: float | None = None
     activity: str = "loading"  # loading | idle | generating | stopping | saving | ...
+    autosave: str = ""  # "autosave", "autosave off", "autosave failed" ("": the app has no store)
 
 
 class StatusBar(Static):
@@ -59,6 +60,8 @@ class StatusBar(Static):
             (" │ KV ", "dim"), kv,
             (" │ ", "dim"), f"{speed} tok/s",
             (" │ ", "dim"), (f"● {s.activity}", ACTIVITY_STYLES.get(s.activity, "bold")),
+            *([(" │ ", "dim"), (s.autosave, "bold red" if s.autosave.endswith("failed") else "dim")]
+              if s.autosave else []),
         )
         place = f" {s.device} {dtype}".rstrip()
         room = max(width - 2 - figures.cell_len - cell_len(place), 4)
