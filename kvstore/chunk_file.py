@@ -6,7 +6,9 @@ end marker, read by the same checked code (``kvstore.records``). Records: per
 layer of the chunk, its keys, its values, then its per-head scores when the
 header says so. A key or value record is one zstd frame holding, head after
 head, the codec's encoding of that head's entries as a ``(1, count, head_dim)``
-tensor, so every decoded size follows from the layout, codec and dtype alone.
+tensor (or one ``(heads, count, head_dim)`` tensor when every head holds the same
+positions, encoded as a ``.kvs`` layer is), so every decoded size follows
+from the layout, codec and dtype alone.
 
 Integrity: the header lists the SHA-256 of every record's stored bytes, the
 store's entry lists the SHA-256 of the header bytes, and the file is named by
@@ -20,6 +22,7 @@ import hashlib
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import msgpack
@@ -56,16 +59,24 @@ class ChunkHeader:
     content: bytes  # SHA-256 of the raw K/V (and scores) bytes the chunk was made from
     records: tuple[bytes, ...]  # SHA-256 of each record's stored bytes, in file order
 
+    @cached_property
+    def units(self) -> list[tuple[int, int]]:
+        """``(heads, count)`` of each unit of a record: one for a shared layout, else one per head."""
+        counts = self.layout.counts()
+        return [(self.layout.heads, counts[0])] if self.layout.shared else [(1, count) for count in counts]
+
+    @cached_property
     def specs(self) -> list[RecordSpec]:
         """Every record in file order with its exact decoded size."""
-        counts = self.layout.counts()
         specs = []
         for layer in self.layers:
             for role in ROLES:
-                size = sum(self.codec.payload_size((1, count, self.head_dim), self.dtype, role) for count in counts)
+                size = sum(self.codec.payload_size((heads, count, self.head_dim), self.dtype, role)
+                           for heads, count in self.units)
                 specs.append(RecordSpec(f"layer {layer} {role}s", size, role, layer))
             if self.head_scores:
-                specs.append(RecordSpec(f"layer {layer} head scores", 4 * sum(counts), "scores", layer))
+                specs.append(RecordSpec(f"layer {layer} head scores", 4 * sum(h * c for h, c in self.units),
+                                        "scores", layer))
         return specs
 
     def computed_key(self) -> bytes:
@@ -76,10 +87,10 @@ class ChunkHeader:
 def encode_frames(pieces: Sequence[tuple[int, str, list[torch.Tensor]]], codec: Codec
                   ) -> list[Callable[[], bytes]]:
     """One task per record of a chunk (see ``chunking.group_tensors``), each returning its zstd frame."""
-    def frame(role: str, tensors: list[torch.Tensor]) -> Callable[[], bytes]:
+    def frame(role: str, units: list[torch.Tensor]) -> Callable[[], bytes]:
         if role == "scores":
-            return lambda: compress([t.reshape(-1).view(torch.uint8) for t in tensors], codec.level)
-        return lambda: compress([part for t in tensors for part in codec.encode(t.unsqueeze(0), role)], codec.level)
+            return lambda: compress([u.contiguous().reshape(-1).view(torch.uint8) for u in units], codec.level)
+        return lambda: compress([part for u in units for part in codec.encode(u, role)], codec.level)
 
     return [frame(role, tensors) for _, role, tensors in pieces]
 

@@ -189,29 +189,37 @@ def _groups(held: list[np.ndarray], shared: list[bool], start: int, end: int) ->
 
 
 def group_tensors(state: KVState, group: Group) -> list[tuple[int, str, list[torch.Tensor]]]:
-    """``(layer, role, per-head pieces)`` in record order: per layer its keys, values and (if any) scores.
+    """``(layer, role, units)`` in record order: per layer its keys, values and (if any) scores.
 
-    Each piece is a contiguous view (``(count, head_dim)`` for K and V, ``(count,)`` float32 for scores).
+    A record holds one unit per head, ``(1, count, head_dim)`` (scores:
+    ``(1, count)``), when the heads hold different positions; when they hold
+    the same (a shared layout: every unpruned or sliding layer) it holds one
+    ``(heads, count, head_dim)`` unit, encoded as a ``.kvs`` file encodes a layer.
     """
     out = []
     for layer in group.layers:
         roles = [("key", state.keys[layer]), ("value", state.values[layer])]
         if state.head_scores is not None:
             roles.append(("scores", state.head_scores[layer].to(torch.float32)))
+        pieces = group.pieces[layer]
         for role, tensor in roles:
             tensor = tensor.detach().cpu().contiguous()
-            out.append((layer, role, [tensor[h, p.first:p.first + p.count]
-                                      for h, p in enumerate(group.pieces[layer])]))
+            units = [tensor[h:h + 1, p.first:p.first + p.count] for h, p in enumerate(pieces)]
+            if group.layout.shared:
+                same = all(p.first == pieces[0].first for p in pieces)
+                units = [tensor[:, pieces[0].first:pieces[0].first + pieces[0].count] if same
+                         else torch.cat(units)]
+            out.append((layer, role, units))
     return out
 
 
 def content_digest(pieces: Sequence[tuple[int, str, list[torch.Tensor]]]) -> bytes:
     """SHA-256 of the raw bytes of every piece, in record order (sizes follow from the layout)."""
     digest = hashlib.sha256()
-    for _, _, tensors in pieces:
-        for tensor in tensors:
-            if tensor.numel():
-                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    for _, _, units in pieces:
+        for unit in units:
+            if unit.numel():
+                digest.update(unit.contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.digest()
 
 

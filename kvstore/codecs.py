@@ -84,7 +84,7 @@ class CastCodec:
 
     def decode_into(self, data: torch.Tensor, out: torch.Tensor, role: str) -> None:
         if self.direct:
-            out.view(-1).view(torch.uint8).copy_(data)
+            out.view(torch.uint8).copy_(data.view(*out.shape[:-1], -1))
         elif self.store is None:
             unshuffle_into(data, out)
         else:

@@ -3,7 +3,10 @@
 Byte shuffling groups the n-th byte of every element together (all exponents,
 then all high mantissa bytes, ...), which is what lets zstd find redundancy in
 floating point data. Both directions copy one byte plane at a time (a strided
-copy per plane), several times faster than transposing the whole byte matrix.
+copy per plane), several times faster than transposing the whole byte matrix,
+with numpy: its copies release the GIL and never fork torch's intra-op threads,
+which for the many mid-sized copies of the snapshot store's chunks cost more
+than they save (ten times more on a busy two-core machine).
 
 Decompression never trusts a frame's declared content size: it streams from
 the file into a buffer of exactly the size the header promised and asks for
@@ -43,22 +46,33 @@ def shuffle(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes, byte-plane by byte-plane, as a flat uint8 tensor."""
     flat = tensor.contiguous().reshape(-1)
     size = flat.element_size()
-    matrix = flat.view(torch.uint8).reshape(-1, size)
+    matrix = flat.view(torch.uint8).numpy().reshape(-1, size)
     planes = torch.empty(size, flat.numel(), dtype=torch.uint8)
+    target = planes.numpy()
     for plane in range(size):
-        planes[plane] = matrix[:, plane]
+        target[plane] = matrix[:, plane]
     return planes.reshape(-1)
 
 
 def unshuffle_into(data: torch.Tensor, out: torch.Tensor) -> None:
-    """Inverse of ``shuffle``: the uint8 byte planes ``data`` written into the contiguous tensor ``out``."""
+    """Inverse of ``shuffle``: the uint8 byte planes ``data`` written into ``out``.
+
+    ``out`` may be a strided view (a slice of a larger tensor) as long as its
+    last dimension is contiguous: the snapshot store decodes a chunk straight
+    into its place in the layer.
+    """
     if out.numel() == 0:
         return
     size = out.element_size()
-    matrix = out.view(-1).view(torch.uint8).reshape(-1, size)
-    planes = data.reshape(size, -1)
+    matrix = byte_matrix(out).numpy()
+    planes = data.numpy().reshape(size, *out.shape)
     for plane in range(size):
-        matrix[:, plane] = planes[plane]
+        matrix[..., plane] = planes[plane]
+
+
+def byte_matrix(out: torch.Tensor) -> torch.Tensor:
+    """``out``'s bytes as a ``(*out.shape, element_size)`` uint8 view (its last dimension must be contiguous)."""
+    return out.view(torch.uint8).unflatten(-1, (out.shape[-1], out.element_size()))
 
 
 def unshuffle(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

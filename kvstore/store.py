@@ -215,7 +215,7 @@ class Store:
                     return ChunkRef(digest, digest, size) if found == digest else None
                 _, data, start = read_header(f, size, path, CHUNK)
                 header = parse_header(data)
-                locate_records(f.fileno(), start, size, header.specs(), CHUNK.end)
+                locate_records(f.fileno(), start, size, header.specs, CHUNK.end)
         except (SnapshotError, HeaderDefect):
             return None
         if header.key != digest or header.computed_key() != digest:
@@ -345,7 +345,7 @@ class Store:
                         problem = _mismatch(header, hashlib.sha256(data).digest(), ref, r, entry)
                         if problem:
                             raise self._damaged(name, what, problem)
-                        records = locate_records(f.fileno(), start, size, header.specs(), CHUNK.end)
+                        records = locate_records(f.fileno(), start, size, header.specs, CHUNK.end)
                     except (CorruptError, HeaderDefect) as error:
                         f.close()
                         raise self._damaged(name, what, getattr(error, "reason", str(error))) from None
@@ -384,13 +384,13 @@ class Store:
     def _threads_within(self, entry: Entry, opened: Sequence[_Opened], budget: int, threads: int) -> int:
         """As many decoding threads as the memory budget allows after the state itself; refused if none fits."""
         h = entry.header
-        specs = [(c.header, spec) for c in opened for spec in c.header.specs()]
+        specs = [(c.header, spec) for c in opened for spec in c.header.specs]
         biggest = max((spec.decoded for _, spec in specs), default=0)
         if biggest > fmt.MAX_PAYLOAD_BYTES:
             raise SnapshotError(f"the store entry declares a record of {biggest} bytes, more than the format's "
                                 f"{fmt.MAX_PAYLOAD_BYTES}")
-        work = biggest + max((header.codec.work_bytes((1, max(header.layout.counts()), header.head_dim),
-                                                      header.dtype, spec.kind) for header, spec in specs), default=0)
+        work = biggest + max((header.codec.work_bytes((heads, count, header.head_dim), header.dtype, spec.kind)
+                              for header, spec in specs for heads, count in header.units), default=0)
         need = h.state_bytes
         if need + work > budget:
             raise SnapshotError(f"loading the snapshot needs {(need + work) / 2**20:.1f} MiB of memory, more than "
@@ -413,24 +413,33 @@ class Store:
         def decode(chunk: _Opened, index: int, record: Record, where: Placement) -> None:
             buffer = scratch.get(record.spec.decoded)
             self._check_record(name, chunk, index, record, byte_view(buffer))
-            out = outputs[record.spec.kind][where.layer]
-            codec, offset = chunk.header.codec, 0
-            for head, (first, count) in enumerate(zip(where.first, where.count)):
-                if record.spec.kind == "scores":
-                    size = 4 * count
-                    out[head, first:first + count] = buffer[offset:offset + size].view(torch.float32)
+            out, kind = outputs[record.spec.kind][where.layer], record.spec.kind
+            header, offset, head = chunk.header, 0, 0
+            for heads, count in header.units:
+                firsts = where.first[head:head + heads]
+                if all(first == firsts[0] for first in firsts):  # the unit's place is one slice of the layer
+                    into, first = out[head:head + heads, firsts[0]:firsts[0] + count], None
+                else:  # a shared layout whose heads sit at different offsets (after per-head pruning)
+                    into = torch.empty((heads, count, *out.shape[2:]), dtype=out.dtype)
+                    first = firsts
+                if kind == "scores":
+                    size = 4 * heads * count
+                    into.copy_(buffer[offset:offset + size].view(torch.float32).view(heads, count))
                 else:
-                    size = codec.payload_size((1, count, chunk.header.head_dim), h.dtype, record.spec.kind)
-                    codec.decode_into(buffer[offset:offset + size], out[head:head + 1, first:first + count],
-                                      record.spec.kind)
+                    size = header.codec.payload_size((heads, count, header.head_dim), h.dtype, kind)
+                    header.codec.decode_into(buffer[offset:offset + size], into, kind)
+                if first is not None:
+                    for i, start in enumerate(first):
+                        out[head + i, start:start + count] = into[i]
                 offset += size
+                head += heads
 
-        tasks = []
-        for chunk, placed in zip(opened, placements):
+        def decode_chunk(chunk: _Opened, placed: list[Placement]) -> None:
             per_layer = {p.layer: p for p in placed}
-            tasks += [lambda c=chunk, i=i, r=r, w=per_layer[r.spec.layer]: decode(c, i, r, w)
-                      for i, r in enumerate(chunk.records)]
-        for _ in in_order(tasks, threads):
+            for index, record in enumerate(chunk.records):
+                decode(chunk, index, record, per_layer[record.spec.layer])
+
+        for _ in in_order([lambda c=c, p=p: decode_chunk(c, p) for c, p in zip(opened, placements)], threads):
             pass
         return KVState(
             keys=keys, values=values, token_ids=h.token_ids, positions=h.positions, fingerprint=h.fingerprint,
