@@ -10,10 +10,10 @@ tensor (or one ``(heads, count, head_dim)`` tensor when every head holds the sam
 positions, encoded as a ``.kvs`` layer is), so every decoded size follows
 from the layout, codec and dtype alone.
 
-Integrity: the header lists the SHA-256 of every record's stored bytes, the
-store's entry lists the SHA-256 of the header bytes, and the file is named by
-the chunk's key, which the header's fields must hash to (see
-``kvstore.chunking``). A reader checks all three besides every CRC.
+Integrity: the file is named by the chunk's key, which the header's fields
+must hash to (see ``kvstore.chunking``); the store's entry lists the SHA-256
+of the header bytes; the header lists the SHA-256 of every record's stored
+bytes. Every read checks all three, and every record's CRC-32.
 """
 
 from __future__ import annotations
@@ -66,17 +66,23 @@ class ChunkHeader:
         return [(self.layout.heads, counts[0])] if self.layout.shared else [(1, count) for count in counts]
 
     @cached_property
+    def unit_bytes(self) -> dict[str, list[int]]:
+        """Per record kind ("key", "value", "scores"): the decoded bytes of each unit."""
+        sizes = {role: [self.codec.payload_size((heads, count, self.head_dim), self.dtype, role)
+                        for heads, count in self.units] for role in ROLES}
+        sizes["scores"] = [4 * heads * count for heads, count in self.units]
+        return sizes
+
+    @cached_property
     def specs(self) -> list[RecordSpec]:
         """Every record in file order with its exact decoded size."""
         specs = []
         for layer in self.layers:
             for role in ROLES:
-                size = sum(self.codec.payload_size((heads, count, self.head_dim), self.dtype, role)
-                           for heads, count in self.units)
-                specs.append(RecordSpec(f"layer {layer} {role}s", size, role, layer))
+                specs.append(RecordSpec(f"layer {layer} {role}s", sum(self.unit_bytes[role]), role, layer))
             if self.head_scores:
-                specs.append(RecordSpec(f"layer {layer} head scores", 4 * sum(h * c for h, c in self.units),
-                                        "scores", layer))
+                specs.append(RecordSpec(f"layer {layer} head scores", sum(self.unit_bytes["scores"]), "scores",
+                                        layer))
         return specs
 
     def computed_key(self) -> bytes:

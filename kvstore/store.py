@@ -415,18 +415,17 @@ class Store:
             self._check_record(name, chunk, index, record, byte_view(buffer))
             out, kind = outputs[record.spec.kind][where.layer], record.spec.kind
             header, offset, head = chunk.header, 0, 0
-            for heads, count in header.units:
+            for unit, (heads, count) in enumerate(header.units):
                 firsts = where.first[head:head + heads]
                 if all(first == firsts[0] for first in firsts):  # the unit's place is one slice of the layer
                     into, first = out[head:head + heads, firsts[0]:firsts[0] + count], None
                 else:  # a shared layout whose heads sit at different offsets (after per-head pruning)
                     into = torch.empty((heads, count, *out.shape[2:]), dtype=out.dtype)
                     first = firsts
+                size = header.unit_bytes[kind][unit]
                 if kind == "scores":
-                    size = 4 * heads * count
                     into.copy_(buffer[offset:offset + size].view(torch.float32).view(heads, count))
                 else:
-                    size = header.codec.payload_size((heads, count, header.head_dim), h.dtype, kind)
                     header.codec.decode_into(buffer[offset:offset + size], into, kind)
                 if first is not None:
                     for i, start in enumerate(first):
@@ -449,7 +448,8 @@ class Store:
 
     def _check_record(self, name: str, chunk: _Opened, index: int, record: Record,
                       out: memoryview | None | bool) -> None:
-        """Read one record (into ``out``; ``None``: checksums only; ``False``: decode and discard) and check it."""
+        """Read one record and check its CRC-32 and SHA-256: ``None``: only that; ``False``: also that it decodes
+        (to nowhere); a buffer: decode it there."""
         digest = hashlib.sha256()
         fd = chunk.file.fileno()
         try:
