@@ -23,7 +23,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,11 @@ from kvstore.atomic import fsync_folder
 from kvstore.blocks import BLOCK, encode_block, split
 from kvstore.blocks import parse_header as parse_block_header
 from kvstore.chunk_file import CHUNK, ChunkHeader, assemble, encode_frames, parse_header
-from kvstore.chunking import Placement, chunk_key, content_digest, group_tensors, place, plan_ranges
+from kvstore.chunking import Placement, chunk_key, content_digest, context_digest, group_tensors, place, plan_ranges
 from kvstore.codecs import DTYPE_NAMES, make_codec
-from kvstore.entry_file import (ENTRY, BlockRef, ChunkRef, Entry, RangeRef, check_name, encode_entry, entry_context,
-                                parse_entry)
+from kvstore.entry_file import ENTRY, BlockRef, ChunkRef, Entry, RangeRef, check_name, encode_entry, parse_entry
 from kvstore.errors import CorruptError, SnapshotError
-from kvstore.header import HeaderDefect, decode_header, encode_header
+from kvstore.header import HeaderDefect, encode_header
 from kvstore.metadata import plain
 from kvstore.pipeline import Scratch, byte_view, default_threads, in_order
 from kvstore.records import Record, RecordSpec, check_checksum, locate_records, read_header, read_payload
@@ -138,10 +137,11 @@ class Store:
                                 f"{fmt.MAX_TRACE_BYTES}")
         chosen = make_codec(codec)
         header_bytes = encode_header(state, chosen)
-        context = parse_entry_context(header_bytes)
+        dtype = state.keys[0].dtype
+        context = context_digest(state.fingerprint.to_dict(), chosen.name, chosen.params, DTYPE_NAMES[dtype])
+        state = _on_cpu(state)
         threads = threads or default_threads()
         scores = state.head_scores is not None
-        dtype = state.keys[0].dtype
         tally = {"written": 0, "shared": 0, "new": 0, "reused": 0}
         try:
             with self._dir.locked():
@@ -163,7 +163,7 @@ class Store:
                 blocks = []
                 for data in split(state.trace or b""):
                     digest, encoded = encode_block(data)
-                    ref = self._store_content("blocks", digest, lambda e=encoded: (e, b""), tally)
+                    ref = self._store_content("blocks", digest, lambda e=encoded, d=digest: (e, d), tally)
                     blocks.append(BlockRef(digest, len(data), ref.size))
                 entry = encode_entry(parent, time.time(), header_bytes, ranges, blocks)
                 self._sync_content()
@@ -186,7 +186,8 @@ class Store:
 
     def _store_content(self, kind: str, digest: bytes, build: Callable[[], tuple[bytes, bytes]],
                        tally: dict[str, int]) -> ChunkRef:
-        """A reference to the chunk or block ``digest``: the stored one when intact, else written now."""
+        """A reference to the chunk or block ``digest``: the stored one when intact, else ``build()``'s
+        ``(file bytes, header digest)`` written now (a block's "header digest" is its own digest)."""
         path = self._dir.content_path(kind, digest)
         existing = self._intact(kind, digest, path)
         if existing is None:
@@ -198,7 +199,7 @@ class Store:
             if existing is None:
                 tally["written"] += len(data)
                 tally["new"] += kind == "chunks"
-                return ChunkRef(digest, header_digest or digest, len(data))
+                return ChunkRef(digest, header_digest, len(data))
         tally["shared"] += existing.size
         tally["reused"] += kind == "chunks"
         return existing
@@ -563,9 +564,14 @@ class Store:
         return Collected(removed, freed, kept, len(temporaries))
 
 
-def parse_entry_context(header_bytes: bytes) -> bytes:
-    """The context digest of a header this kvtrace just encoded."""
-    return entry_context(decode_header(header_bytes, fmt.FORMAT_VERSION))
+def _on_cpu(state: KVState) -> KVState:
+    """``state`` with its tensors in host memory (chunks are cut from them many times)."""
+    if all(t.device.type == "cpu" for t in (*state.keys, *state.values)):
+        return state
+    return replace(state, keys=[k.detach().cpu() for k in state.keys], values=[v.detach().cpu() for v in state.values],
+                   head_positions=None if state.head_positions is None
+                   else [None if t is None else t.cpu() for t in state.head_positions],
+                   head_scores=None if state.head_scores is None else [t.cpu() for t in state.head_scores])
 
 
 def _chunk_name(key: bytes, start: int, end: int) -> str:

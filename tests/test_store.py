@@ -67,7 +67,9 @@ def test_every_layout_round_trips_bit_for_bit(tmp_path, codec):
     per_head = per_head_state(SLIDING)  # a sliding layer, per-head positions and scores, a trace
     pruned = pruning.sinks_recent(full, 4, 100)
     heads = full.select_per_head([torch.stack([torch.arange(h, 600, 3) for h in range(2)]) for _ in range(3)])
-    for name, state in (("full", full), ("per-head", per_head), ("pruned", pruned), ("heads", heads)):
+    nothing = full.select([])  # every entry pruned: ranges without chunks
+    for name, state in (("full", full), ("per-head", per_head), ("pruned", pruned), ("heads", heads),
+                        ("nothing", nothing)):
         store.save(state, name, codec=codec)
         assert_same(state, store.load(name, expected=state.fingerprint))
         store.verify(name, deep=True)
