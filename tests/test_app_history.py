@@ -42,7 +42,7 @@ async def test_turns_and_branches_are_saved_as_a_tree(tmp_path):
     session = FakeSession()
     app = KvtraceApp(session, store=str(store), autosave=True)
     async with app.run_test(size=(100, 30)) as pilot:
-        assert "autosave" in app.status_bar.render_status(100).plain
+        assert "autosave" in app.status_bar.render_status(120).plain
         await send(pilot, "one two three")
         await wait_until(pilot, lambda: app.view.autosaved is not None)
         [first] = entries(store)
@@ -64,7 +64,8 @@ async def test_turns_and_branches_are_saved_as_a_tree(tmp_path):
         assert saved[branch].parent == second and saved[branch].label.startswith("branch, turn 2")
         assert Store.open(store).load(branch).token_ids == session.token_ids
         assert app.view.autosaved == f"{store}:{branch}"  # what a quit confirmation can show
-        assert "autosaved" in app.status_bar.render_status(100).plain
+        assert "autosaved" in app.status_bar.render_status(120).plain
+        assert app.status_bar.render_status(80).plain.endswith("│ saved")  # narrow: short words
 
 
 async def test_the_history_resumes_an_earlier_turn_also_after_a_restart(tmp_path):
@@ -103,7 +104,7 @@ async def test_autosave_off_writes_nothing_and_the_history_still_opens(tmp_path)
     store = tmp_path / "store"
     app = KvtraceApp(FakeSession(), store=str(store), autosave=False)
     async with app.run_test(size=(100, 30)) as pilot:
-        assert "autosave off" in app.status_bar.render_status(100).plain
+        assert "autosave off" in app.status_bar.render_status(120).plain
         await send(pilot, "one two three")
         app.timeline.focus()
         await pilot.press("h")
@@ -119,7 +120,7 @@ async def test_a_failing_autosave_is_reported_and_the_app_goes_on(tmp_path):
     async with app.run_test(size=(100, 30)) as pilot:
         await send(pilot, "one two three")
         await wait_until(pilot, lambda: any(n.startswith("Autosave failed") for n in notifications(app)))
-        assert "autosave failed" in app.status_bar.render_status(100).plain
+        assert "autosave failed" in app.status_bar.render_status(120).plain
         await send(pilot, "four")
         assert len(app.view.records) > 0
 

@@ -15,6 +15,7 @@ from textual.widgets import Static
 from tui_app.formatting import byte_count, short_bytes
 
 SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+SHORT_AUTOSAVE = {"autosave": "auto", "autosaved": "saved", "autosave off": "no auto"}  # narrow terminals
 ACTIVITY_STYLES = {"generating": "bold green", "stopping": "bold yellow", "loading": "bold yellow",
                    "load failed": "bold red"}
 
@@ -60,8 +61,8 @@ class StatusBar(Static):
             (" │ KV ", "dim"), kv,
             (" │ ", "dim"), f"{speed} tok/s",
             (" │ ", "dim"), (f"● {s.activity}", ACTIVITY_STYLES.get(s.activity, "bold")),
-            *([(" │ ", "dim"), (s.autosave, "bold red" if s.autosave.endswith("failed") else "dim")]
-              if s.autosave else []),
+            *([(" │ ", "dim"), (s.autosave if wide else SHORT_AUTOSAVE.get(s.autosave, s.autosave),
+                                 "bold red" if s.autosave.endswith("failed") else "dim")] if s.autosave else []),
         )
         place = f" {s.device} {dtype}".rstrip()
         room = max(width - 2 - figures.cell_len - cell_len(place), 4)
