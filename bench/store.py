@@ -128,7 +128,7 @@ def main() -> None:
     quiet_transformers()
     torch.manual_seed(0)
     loaded = load_model(args.model, device="cpu")
-    with tempfile.TemporaryDirectory(dir=ROOT) as folder:
+    with tempfile.TemporaryDirectory(prefix="kvtrace-bench-store-") as folder:
         store, files = Path(folder) / "store", Path(folder) / "files"
         files.mkdir()
         session, rows = converse(loaded, args, store, files)

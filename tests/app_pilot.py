@@ -34,6 +34,11 @@ async def send(pilot: Pilot, text: str) -> None:
     await wait_idle(pilot)
 
 
+def chat_lines(app: KvtraceApp) -> list[str]:
+    """The chat pane's paragraphs as plain text, unwrapped (the screen wraps them to the pane's width)."""
+    return [str(child.render()) for child in app.chat.children]
+
+
 def notifications(app: KvtraceApp) -> list[str]:
     return [n.message for n in app._notifications]
 
@@ -51,6 +56,7 @@ async def save_by_keys(pilot: Pilot, path: Path) -> None:
 async def load_by_keys(pilot: Pilot, path: Path, token_count: int) -> None:
     """ctrl+o, pick ``path`` (its header must show ``token_count`` tokens first), Enter."""
     app = pilot.app
+    await wait_idle(pilot)
     await pilot.press("ctrl+o")
     app.screen.query_one("#path").value = str(path)
     await wait_until(pilot, lambda: f"tokens:   {token_count} in" in screen_text(app))

@@ -87,6 +87,10 @@ class FakeSession:
     def kv_bytes(self) -> int:
         return 2 * LAYERS * KV_HEADS * len(self.positions) * HEAD_DIM * 4
 
+    @property
+    def attention_scores(self) -> list[float]:
+        return [1.0 / (1 + p) for p in self.positions]
+
     # -- turns and steps -------------------------------------------------------------------------
     def start_turn(self, user_text: str, system: str | None = None) -> None:
         if not user_text.strip():
@@ -206,6 +210,7 @@ class FakeSession:
         self.records = list(other.records)
         self.token_ids = list(other.state.token_ids)
         self.positions = list(other.state.positions)
+        self.stop_reason = other.state.metadata.get("stop_reason")
 
     # -- state ----------------------------------------------------------------------------------
     def export_state(self) -> KVState:
@@ -214,16 +219,19 @@ class FakeSession:
                 + layer for layer in range(LAYERS)]
         values = [k * 0.5 for k in keys]
         return KVState(keys=keys, values=values, token_ids=list(self.token_ids), positions=list(self.positions),
-                       fingerprint=self.loaded.fingerprint, attention_scores=[1.0 / (1 + p) for p in self.positions],
-                       metadata={"messages": list(self.messages), "reply": self.reply_text()})
+                       fingerprint=self.loaded.fingerprint, attention_scores=self.attention_scores,
+                       metadata={"messages": list(self.messages), "reply": self.reply_text(),
+                                 "stop_reason": self.stop_reason})
 
     def import_state(self, state: KVState) -> None:
         differences = self.loaded.fingerprint.differences(state.fingerprint)
         if differences:
             raise FingerprintMismatch("The snapshot was made by another model: " + "; ".join(differences))
+        same_transcript = state.token_ids == self.token_ids  # as the real session: only the cache changes
         self.token_ids = list(state.token_ids)
         self.positions = list(state.positions)
         self.messages = list(state.metadata.get("messages", []))
-        self.records = []
-        self._turn_start = 0
+        if not same_transcript:
+            self.records, self.branches = [], []
+            self._turn_start = 0
         self.stop_reason = None

@@ -6,7 +6,7 @@ import threading
 from dataclasses import replace
 
 import pytest
-from app_pilot import notifications, send, wait_idle, wait_until
+from app_pilot import chat_lines, notifications, save_by_keys, send, wait_idle, wait_until
 from fake_session import FakeSession
 from screen_text import screen_text
 from textual.command import CommandPalette
@@ -16,6 +16,7 @@ from tui_app.app import KvtraceApp
 from tracer.events import Stepped
 from tui_app.messages import RunnerEvent
 from tui_app.screens.help import HelpScreen
+from tui_app.screens.prune import PruneScreen
 from tui_app.widgets.attention import AttentionPane
 from tui_app.widgets.lens import LensPane
 from tui_app.widgets.topk import TopKPane
@@ -30,7 +31,7 @@ async def test_prompt_streams_reply_into_chat_and_timeline():
         assert app.timeline.records == session.records
         text = screen_text(app)
         assert "user: hello there" in text
-        assert f"assistant: {session.reply_text()}" in text
+        assert f"assistant: {session.reply_text()}" in chat_lines(app)
         assert f"ctx {session.context_tokens}/256" in text
         assert f"KV {session.kv_bytes:,} B" in text
         assert "idle" in text
@@ -293,16 +294,25 @@ async def test_prune_dialog_shows_before_and_after():
         await pilot.press("p")
         text = screen_text(app)
         assert f"Now: {entries} cache entries" in text
+        before = list(session.positions)
         budget = app.screen.query_one("#budget")
         budget.value = "6"
         await pilot.pause()
-        assert "After: 6 cache entries" in screen_text(app)
+        dropped = before[4:-2]
+        preview = str(app.screen.query_one("#preview").render())
+        assert f"Drops {len(dropped)} entries (positions {dropped[0]}-{dropped[-1]}" in preview
+        assert "After: 6 entries" in preview and f"Drop {len(dropped)} entries" in screen_text(app)
         budget.focus()
+        await pilot.press("enter")  # Enter in a field only goes to the button
+        await pilot.pause()
+        assert isinstance(app.screen, PruneScreen) and session.positions == before
+        assert app.screen.focused.id == "submit"
         await pilot.press("enter")
         await wait_idle(pilot)
-        assert session.positions == session.positions[:4] + session.positions[-2:] and len(session.positions) == 6
+        assert session.positions == before[:4] + before[-2:]
         message = notifications(app)[-1]
         assert f"{nbytes:,} -> {session.kv_bytes:,} bytes" in message and f"{entries} -> 6" in message
+        assert "u to undo" in message
 
 
 async def test_ctrl_p_is_prune_and_the_palette_is_on_f2_with_every_action():
@@ -387,9 +397,11 @@ async def test_layout_fits_small_and_uses_large_terminals(size):
         assert ("Attention ·" in text) == wide and ("Lens ·" in text) == wide
 
 
-async def test_q_in_a_dialog_does_not_quit_but_ctrl_q_does():
+async def test_q_in_a_dialog_does_not_quit_but_ctrl_q_does(tmp_path):
     app = KvtraceApp(FakeSession())
     async with app.run_test(size=(80, 24)) as pilot:
+        await send(pilot, "hello there")
+        await save_by_keys(pilot, tmp_path / "saved.kvs")  # nothing unsaved: ctrl+q does not ask
         await pilot.press("ctrl+s")
         app.screen.query_one("#cancel").focus()
         await pilot.press("q")

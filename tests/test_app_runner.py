@@ -55,13 +55,22 @@ async def test_no_flow_takes_the_session_lock_or_calls_the_session_on_the_event_
         await pilot.press("p")  # prune
         app.screen.query_one("#budget").value = "6"
         app.screen.query_one("#budget").focus()
-        await pilot.press("enter")
+        await pilot.press("enter", "enter")  # to the button, then confirm
         await wait_idle(pilot)
+        await pilot.press("u")  # undo the prune
+        await wait_idle(pilot)
+        await pilot.press("p")  # and prune again
+        app.screen.query_one("#budget").value = "6"
+        await pilot.press("enter", "enter")
+        await wait_idle(pilot)
+        await pilot.press("c", "y", "Y")  # copy: drawn from the view, never from the session
         await save_by_keys(pilot, tmp_path / "s.kvs")
         await load_by_keys(pilot, tmp_path / "s.kvs", len(session.token_ids))
         await pilot.press("ctrl+e")  # export
         await wait_idle(pilot)
         assert any(n.startswith("Exported") for n in notifications(app))
+        assert any(n.startswith("Prune undone") for n in notifications(app))
+        assert sum(n.startswith("Wrote") for n in notifications(app)) == 3, "\n".join(notifications(app))
     assert lock.threads and event_loop not in lock.threads
     assert session.callers and event_loop not in session.callers
 

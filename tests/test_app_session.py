@@ -3,12 +3,16 @@ what the tracer recorded, and a snapshot saved from the app continues exactly in
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import pytest
-from app_pilot import load_by_keys, save_by_keys, send, wait_idle, wait_until
+import torch
+from app_pilot import load_by_keys, notifications, save_by_keys, send, wait_idle, wait_until
 from screen_text import screen_text
 
+from tracer import trace_schema
+from tracer.dump import write_trace
 from tracer.loading import load_model
 from tracer.sampling import SamplingSettings
 from tracer.session import TraceSession
@@ -16,7 +20,7 @@ from tui_app.app import KvtraceApp
 from tui_app.cli import build_parser
 from tui_app.commands.app import session_opener
 from tui_app.widgets.attention import strongest
-from tui_app.widgets.lens import settling_layer
+from tracer.lens import settling_layer
 
 
 @pytest.fixture(scope="module")
@@ -82,33 +86,79 @@ async def test_prune_then_continue_in_the_app(tiny):
     app = KvtraceApp(session)
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "The quick brown fox jumps over the lazy dog.")
-        tokens, traced = session.context_tokens, list(session.records)
+        tokens, traced, before = session.context_tokens, list(session.records), session.export_state()
         await pilot.press("p")
         app.screen.query_one("#budget").value = "8"
         app.screen.query_one("#budget").focus()
-        await pilot.press("enter")
+        await pilot.press("enter", "enter")  # to the button, then confirm
         await wait_idle(pilot)
         assert len(session.positions) == 8 and session.context_tokens == tokens
         assert app.timeline.records == traced  # the trace of the pruned transcript stays on screen
+        assert session.stop_reason == before.metadata["stop_reason"]  # a prune is no new step
+        await pilot.press("u")
+        await wait_idle(pilot)
+        restored = session.export_state()
+        assert restored.positions == before.positions
+        assert restored.attention_scores == pytest.approx(before.attention_scores, rel=1e-6)  # float32 in the state
+        assert all(torch.equal(a, b) for a, b in zip(restored.keys + restored.values, before.keys + before.values))
+        await pilot.press("p")
+        app.screen.query_one("#budget").value = "8"
+        await pilot.press("enter", "enter")
+        await wait_idle(pilot)
         await pilot.press("n")
         await wait_idle(pilot)
         assert session.records[-1].position == tokens  # the true next position, not the cache length
+        assert not app.view.can_undo_prune  # a new step lets the old state go
+        await pilot.press("u")
+        assert "There is no prune to undo" in notifications(app)[-1]
 
 
-async def test_export_writes_the_dump_schema(tiny, tmp_path, monkeypatch):
-    import json
-
+async def test_export_of_a_multi_turn_branched_session_is_valid_and_complete(tiny, tmp_path, monkeypatch):
+    """Two turns, a branch in the second and a switch back (B): the export holds every transcript token
+    once, a lens for every step (one of them viewed in the app first), and a stop reason."""
     monkeypatch.chdir(tmp_path)
     session = new_session(tiny)
     app = KvtraceApp(session)
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "Why is the sky blue?")
+        await send(pilot, "Tell me a story about a small robot.")
+        await pilot.press("3", "home", "right", "down", "b")  # the lens pane shows token 1's lens, then branch
+        await wait_idle(pilot)
+        await pilot.press("B")  # back to line 1: the restored line keeps how it ended
+        await wait_idle(pilot)
+        assert app.view.branches and session.stop_reason == "max_tokens"
         await pilot.press("ctrl+e")
         await wait_idle(pilot)
     [path] = tmp_path.glob("kvtrace-trace-*.jsonl")
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert lines[0]["type"] == "header" and lines[-1]["type"] == "end"
-    assert [line["token_id"] for line in lines[1:-1]] == [r.token_id for r in session.records]
+    lines = trace_schema.read(path.read_text().splitlines())
+    assert trace_schema.problems(lines) == []
+    header, end = lines[0], lines[-1]
+    assert [line["type"] for line in lines].count("prompt") == 1  # the second turn's prompt
+    assert header["settings"]["lens"] and all(line["lens"] for line in lines if line["type"] == "step")
+    assert end["stop_reason"] == "max_tokens" and end["transcript_tokens"] == len(session.token_ids)
+    assert [line["token_id"] for line in lines if line["type"] == "step"] == [r.token_id for r in session.records]
+    ids = {t["position"]: t["id"] for line in lines[:-1] for t in line.get("tokens", line.get("prompt_tokens", []))}
+    ids.update({line["position"]: line["token_id"] for line in lines if line["type"] == "step"})
+    assert [ids[p] for p in range(len(ids))] == session.token_ids
+
+
+def test_the_schema_check_finds_what_a_broken_trace_lacks(tiny, tmp_path):
+    session = new_session(tiny)
+    session.start_turn("Hello world")
+    session.generate(3)
+    session.start_turn("Hello again")
+    session.generate(2)
+    out = io.StringIO()
+    write_trace(session, out, with_lens=False)
+    lines = trace_schema.read(out.getvalue().splitlines())
+    assert trace_schema.problems(lines) == []
+    assert [line["type"] for line in lines] == ["header", *["step"] * 3, "prompt", *["step"] * 2, "end"]
+    without_prompt = [line for line in lines if line["type"] != "prompt"]
+    assert any("positions" in p for p in trace_schema.problems(without_prompt))
+    no_reason = [*lines[:-1], {**lines[-1], "stop_reason": None}]
+    assert any("stop_reason" in p for p in trace_schema.problems(no_reason))
+    half_lens = [*lines[:2], {**lines[2], "lens": []}, *lines[3:]]
+    assert any("settings.lens" in p for p in trace_schema.problems(half_lens))
 
 
 async def test_the_command_loader_opens_the_model_inside_the_app(tiny_llama_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import pytest
 from transformers import ViTConfig
 
 from tests.conftest import REPO_ROOT
+from tracer import trace_schema
 
 
 def kvtrace(*args: str) -> subprocess.CompletedProcess:
@@ -41,8 +43,10 @@ def test_dump_writes_header_steps_and_end(tiny_llama_dir, tmp_path):
     assert header["type"] == "header" and header["fingerprint"]["num_kv_heads"] == 2
     assert header["settings"]["top_k"] == 4 and header["messages"][-1]["content"] == "Why is the sky blue?"
     assert header["prompt_tokens"][-1]["position"] == steps[0]["position"] - 1
+    assert trace_schema.problems(lines) == []
     assert [s["index"] for s in steps] == list(range(5)) and end == {
-        "type": "end", "stop_reason": "max_tokens", "generated": 5, "reply": end["reply"]}
+        "type": "end", "stop_reason": "max_tokens", "generated": 5, "transcript_tokens": steps[-1]["position"] + 1,
+        "reply": end["reply"]}
     for step in steps:
         assert len(step["top"]) == 4 and len(step["lens"]) == 2
         assert step["lens"][-1]["top"][0]["token_id"] == step["token_id"]  # greedy: the last layer decides
@@ -134,8 +138,28 @@ def test_print_renders_a_readable_trace(tiny_llama_dir, capsys):
     assert main(["--print", "--model", str(tiny_llama_dir), "--prompt", "Why is the sky blue?",
                  "--max-new-tokens", "4"]) == 0
     shown = capsys.readouterr().out
-    assert "Why is the sky blue?" in shown and "Step by step" in shown and " L1 " in shown
-    assert all(len(line) <= 80 for line in shown.splitlines())  # laid out for the width it gets
+    assert "Why is the sky blue?" in shown and "Step by step" in shown and "settles" in shown
+    lines = shown.splitlines()
+    assert all(len(line) <= 80 for line in lines)  # laid out for the width it gets
+    rows = [line for line in lines if re.match(r"^ +[0-3] ", line)]
+    assert [row.split()[0] for row in rows] == ["0", "1", "2", "3"]  # one line per token, none wrapped
+
+
+def test_print_uses_a_wide_terminal_for_lens_columns(tiny_llama_dir):
+    from rich.console import Console
+
+    from tracer.loading import load_model
+    from tracer.render import trace_view
+    from tracer.session import TraceSession
+
+    session = TraceSession(load_model(str(tiny_llama_dir)))
+    session.start_turn("Why is the sky blue?")
+    session.generate(3)
+    console = Console(width=140, record=True, file=io.StringIO())
+    console.print(trace_view(session, "Why is the sky blue?", 140))
+    shown = console.export_text()
+    assert " L0 " in shown and " L1 " in shown and "█" in shown
+    assert all(len(line) <= 140 for line in shown.splitlines())
 
 
 def test_hub_id_in_the_local_cache_loads_offline(tiny_gpt2_dir, tmp_path):

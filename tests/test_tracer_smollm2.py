@@ -19,7 +19,7 @@ def test_greedy_64_tokens_equal_model_generate_and_lens_agrees(smollm2):
     session.start_turn("Write a short poem about the sea.")
     records = session.generate(64)
     prompt = session.token_ids[: records[0].position]
-    smollm2.model.set_attn_implementation("sdpa")  # the reference runs the stock path
+    assert smollm2.model.config._attn_implementation == "sdpa"  # tracing left the stock kernel in place
     reference = smollm2.model.generate(
         torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -30,6 +30,21 @@ def test_greedy_64_tokens_equal_model_generate_and_lens_agrees(smollm2):
     assert all(len(layers) == 30 for layers in lenses)
     assert all(layers[-1].top[0].token_id == r.token_id for layers, r in zip(lenses, records))
     assert "".join(r.text for r in records).startswith(session.reply_text()[:20])
+
+
+def test_bfloat16_greedy_tokens_equal_model_generate():
+    """Traced through the model's own sdpa kernel, bf16 rounds as generate does (eager did not: issue 8)."""
+    loaded = load_model(None, device="cpu", dtype="bfloat16")
+    session = TraceSession(loaded)
+    session.start_turn("Write a short poem about the sea.")
+    records = session.generate(32)
+    prompt = session.token_ids[: records[0].position]
+    reference = loaded.model.generate(
+        torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )[0, len(prompt):].tolist()
+    assert session.engine.mode == "hook"
+    assert [r.token_id for r in records] == reference[: len(records)]
 
 
 def test_second_turn_reads_like_the_chat_template(smollm2):

@@ -1,8 +1,17 @@
-"""The headless trace as JSON Lines: a header, one line per generated token, an end line.
+"""The headless trace as JSON Lines: a header, a line per generated token (and per later prompt), an end line.
+
+Every transcript token is in the file once: the header's ``prompt_tokens`` up to
+the first step, each step's own token, and a ``prompt`` line for the tokens of
+each later turn (schema version 2; ``tracer.trace_schema`` checks a file).
 
 Lines are written as records arrive, the logit lens computed in batches of
 records (one matrix product per batch instead of one per token), so ``-`` can be
-piped while the model writes. The schema is documented in the README.
+piped while the model writes. The schema is documented in the README; a
+step's ``attention`` (``AttentionEvidence.to_dict``) holds ``positions``,
+``mean`` and ``per_layer`` (``[[position, weight], ...]`` per layer) and, since
+kvtrace traces heads, ``per_head``: per layer, per query head, the strongest
+``[position, weight]`` pairs (``null`` when not captured). Readers of the
+older lines find every key they knew.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TextIO
 
@@ -18,11 +28,18 @@ import torch
 from tracer.records import Candidate, StepRecord
 from tracer.session import TraceSession
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LENS_BATCH = 16  # records per lens batch: big enough for efficient products, small enough for a short tail
+PAUSED = "paused"  # the end line's stop reason when no generation ended on this line (e.g. just loaded)
+
+
+def token_entries(session: TraceSession, start: int, end: int) -> list[dict[str, Any]]:
+    """Transcript tokens ``start`` .. ``end - 1`` as ``{position, id, text}`` (stored text: ``tracer.token_text``)."""
+    return [{"position": p, "id": session.token_ids[p], "text": session.token_text(p)} for p in range(start, end)]
 
 
 def header(session: TraceSession, *, with_lens: bool) -> dict[str, Any]:
+    """The first line; ``prompt_tokens`` holds the transcript up to the first step (later prompts: ``prompt`` lines)."""
     loaded = session.loaded
     prompt_length = session.records[0].position if session.records else len(session.token_ids)
     return {
@@ -34,9 +51,7 @@ def header(session: TraceSession, *, with_lens: bool) -> dict[str, Any]:
         "settings": {"sampling": session.sampling.to_dict(), "top_k": session.top_k, "lens": with_lens,
                      "attention": session.attention_available},
         "messages": session.messages,
-        "prompt_tokens": [
-            {"position": p, "id": session.token_ids[p], "text": session.token_text(p)} for p in range(prompt_length)
-        ],
+        "prompt_tokens": token_entries(session, 0, prompt_length),
         "notices": session.notices,
     }
 
@@ -45,8 +60,11 @@ def _candidates(top: list[Candidate]) -> list[dict[str, Any]]:
     return [{"token_id": c.token_id, "text": c.text, "prob": c.prob} for c in top]
 
 
-def step_line(record: StepRecord) -> dict[str, Any]:
-    """The same fields as ``StepRecord.to_dict``, built directly (``asdict`` deep-copies: slow at lens size)."""
+def step_line(record: StepRecord, *, with_lens: bool = True) -> dict[str, Any]:
+    """The same fields as ``StepRecord.to_dict``, built directly (``asdict`` deep-copies: slow at lens size).
+
+    Without ``with_lens`` the lens is ``null`` even where one was computed, as the header says.
+    """
     attention = record.attention
     return {
         "type": "step",
@@ -58,12 +76,8 @@ def step_line(record: StepRecord) -> dict[str, Any]:
         "logprob": record.logprob,
         "entropy": record.entropy,
         "top": _candidates(record.top),
-        "attention": None if attention is None else {
-            "positions": attention.positions,
-            "mean": attention.mean,
-            "per_layer": attention.per_layer,
-        },
-        "lens": None if record.lens is None else [
+        "attention": None if attention is None else attention.to_dict(),
+        "lens": None if record.lens is None or not with_lens else [
             {"layer": layer.layer, "top": _candidates(layer.top)} for layer in record.lens
         ],
         "forced": record.forced,
@@ -85,10 +99,14 @@ class TraceWriter:
     order either way.
     """
 
-    def __init__(self, session: TraceSession, out: TextIO, *, with_lens: bool = True, background: bool | None = None):
+    def __init__(self, session: TraceSession, out: TextIO, *, with_lens: bool = True, background: bool | None = None,
+                 on_batch: Callable[[int], None] | None = None):
         self.session = session
         self.out = out
         self.with_lens = with_lens and session.lens_supported
+        self.on_batch = on_batch  # told the number of steps written after each batch
+        self.written = 0
+        self._next_position = 0  # the first transcript position not yet in the file
         run_beside = spare_cores() if background is None else background
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvtrace-lens") if self.with_lens and run_beside else None
         self._pending: list[StepRecord] = []
@@ -98,7 +116,15 @@ class TraceWriter:
         self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
 
     def header(self) -> None:
-        self._write(header(self.session, with_lens=self.with_lens))
+        line = header(self.session, with_lens=self.with_lens)
+        self._next_position = len(line["prompt_tokens"])
+        self._write(line)
+
+    def _prompt_up_to(self, end: int) -> None:
+        """A ``prompt`` line for the transcript tokens no step produced before ``end`` (a later turn's prompt)."""
+        if end > self._next_position:
+            self._write({"type": "prompt", "tokens": token_entries(self.session, self._next_position, end)})
+            self._next_position = end
 
     def step(self, record: StepRecord) -> None:
         self._pending.append(record)
@@ -125,8 +151,13 @@ class TraceWriter:
             if future is not None:
                 future.result()
             for record in batch:
-                self._write(step_line(record))
+                self._prompt_up_to(record.position)
+                self._write(step_line(record, with_lens=self.with_lens))
+                self._next_position = record.position + 1
+            self.written += len(batch)
             self.out.flush()
+            if self.on_batch is not None:
+                self.on_batch(self.written)
 
     def end(self) -> None:
         """Write what is left and the end line; waits for the lens still being computed."""
@@ -136,18 +167,23 @@ class TraceWriter:
         finally:
             if self._worker is not None:
                 self._worker.shutdown(wait=True)
+        self._prompt_up_to(len(self.session.token_ids))  # a turn begun whose reply has no step yet
         self._write({
             "type": "end",
-            "stop_reason": self.session.stop_reason,
+            "stop_reason": self.session.stop_reason or PAUSED,
             "generated": len(self.session.records),
+            "transcript_tokens": len(self.session.token_ids),
             "reply": self.session.reply_text(),
         })
         self.out.flush()
 
 
-def write_trace(session: TraceSession, out: TextIO, *, with_lens: bool = True) -> None:
-    """Write the trace of everything the session generated so far."""
-    writer = TraceWriter(session, out, with_lens=with_lens)
+def write_trace(session: TraceSession, out: TextIO, *, with_lens: bool = True,
+                progress: Callable[[int, int], None] | None = None) -> None:
+    """Write the trace of everything the session generated so far; ``progress(steps written, steps)``."""
+    total = len(session.records)
+    writer = TraceWriter(session, out, with_lens=with_lens,
+                         on_batch=None if progress is None else lambda written: progress(written, total))
     writer.header()
     for record in session.records:
         writer.step(record)

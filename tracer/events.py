@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvstore.state import ModelFingerprint
+from tracer.lines import LineNumbers, LineSummary
 from tracer.protocol import Session
 from tracer.records import LensLayer, StepRecord
 
@@ -28,22 +29,35 @@ class SessionView:
     reply: str
     token_texts: tuple[str, ...]
     positions: tuple[int, ...]  # cached original positions
+    attention_scores: tuple[float, ...] | None  # attention received per cached entry (the prune preview)
     kv_bytes: int
     stop_reason: str | None
-    branch_labels: tuple[str, ...]
+    line: int  # the current line's number (``tracer.lines``)
+    branches: tuple[LineSummary, ...]  # the other lines, in the session's branch order
     notices: tuple[str, ...]
     attention_available: bool
     lens_supported: bool
-    autosaved: str | None = None  # where the runner last saved the session (DIR:NAME), if it autosaves
+    unsaved: bool = False  # changed since it was last saved or loaded
+    saved_to: str | None = None  # where it was last saved or loaded from (changed since if ``unsaved``)
+    can_undo_prune: bool = False  # the state before the last prune is kept (until the next turn)
+    autosaved: str | None = None  # where the runner last autosaved the session (DIR:NAME), if it autosaves
 
     @property
     def context_tokens(self) -> int:
         return len(self.token_texts)
 
+    @property
+    def next_position(self) -> int:
+        """The pending token's position: the one the next step feeds."""
+        return len(self.token_texts) - 1
+
     @classmethod
-    def of(cls, session: Session, autosaved: str | None = None) -> SessionView:
-        """Read once, in the thread that owns the session."""
+    def of(cls, session: Session, lines: LineNumbers | None = None, *, unsaved: bool = False,
+           saved_to: str | None = None, can_undo_prune: bool = False, autosaved: str | None = None) -> SessionView:
+        """Read once, in the thread that owns the session; the runner adds what it tracks beside it."""
         loaded = session.loaded
+        lines = lines or LineNumbers()
+        scores = session.attention_scores
         return cls(
             model=loaded.name,
             device=str(loaded.device),
@@ -55,21 +69,28 @@ class SessionView:
             reply=session.reply_text(),
             token_texts=tuple(session.token_texts()),
             positions=tuple(session.positions),
+            attention_scores=None if scores is None else tuple(scores),
             kv_bytes=session.kv_bytes,
             stop_reason=session.stop_reason,
-            branch_labels=tuple(getattr(b, "label", "") or f"branch {i}" for i, b in enumerate(session.branches)),
+            line=lines.current,
+            branches=lines.summaries([b.records for b in session.branches], session.records),
             notices=tuple(session.notices),
             attention_available=session.attention_available,
             lens_supported=session.lens_supported,
+            unsaved=unsaved,
+            saved_to=saved_to,
+            can_undo_prune=can_undo_prune,
             autosaved=autosaved,
         )
 
 
 @dataclass(frozen=True)
 class Progress:
-    """A stage of opening the session ("Dequantizing ...")."""
+    """A stage of opening the session ("Dequantizing ..."); ``expected``: the seconds the work starting
+    here should take (a first GGUF load), for a progress bar and the time left."""
 
     text: str
+    expected: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,7 @@ class Stepped:
     record: StepRecord
     context_tokens: int
     kv_bytes: int
+    piece: str = ""  # the token's stored text (``tracer.token_text``): byte fragments as <0xNN> escapes
 
 
 @dataclass(frozen=True)
@@ -114,6 +136,15 @@ class RunEnded:
 class LensReady:
     index: int
     layers: list[LensLayer]
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    """``done`` of ``total`` items of a long task (the export's lens)."""
+
+    task: str
+    done: int
+    total: int
 
 
 @dataclass(frozen=True)
@@ -136,6 +167,8 @@ class AutoSaved:
     reference: str | None  # DIR:NAME written; None when the save failed
     message: str
     error: bool = False
+    view: SessionView | None = None  # the session now (saved: ``unsaved`` is False), when the save succeeded
 
 
-Event = Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | TaskEnded | AutoSaved
+Event = (Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | TaskProgress | TaskEnded
+         | AutoSaved)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from kvstore.state import ModelFingerprint
 
@@ -37,6 +38,14 @@ def rope_settings(config: Any) -> dict[str, Any]:
     return _plain(settings)
 
 
+def layer_layout(config: Any) -> tuple[tuple[str, ...], int | None]:
+    """Per layer the cache kind transformers builds (``full_attention``, ``sliding_attention``, ...), and the
+    window of the sliding layers (``None`` without any)."""
+    types, kwargs = get_layer_types_and_kwargs(config)
+    windows = {k["sliding_window"] for k in kwargs if "sliding_window" in k}
+    return tuple(types), (min(windows) if windows else None)
+
+
 def build_fingerprint(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, dtype: torch.dtype
 ) -> ModelFingerprint:
@@ -44,6 +53,7 @@ def build_fingerprint(
     architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layer_types, sliding_window = layer_layout(config)
     return ModelFingerprint(
         model_id=model_id,
         architecture=architectures[0],
@@ -54,4 +64,6 @@ def build_fingerprint(
         vocab_size=config.vocab_size,
         rope=rope_settings(config),
         tokenizer_hash=tokenizer_hash(tokenizer),
+        layer_types=layer_types,
+        sliding_window=sliding_window,
     )

@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CACHE_FORMAT = 1  # bump when the cached folder's layout changes
+SECONDS_PER_MB = 0.2  # a first load's pace when this machine has none on record (SmolLM2, 98 MB: ~20 s on 2 cores)
+PACE_FILE = "first-load-pace.json"
 
 
 def cache_root() -> Path:
@@ -70,3 +72,23 @@ def write_cache(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedToken
                 raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
+
+
+def expected_first_load(gguf_path: Path) -> float:
+    """Seconds a first load of ``gguf_path`` should take: its size at this machine's last pace (or the default)."""
+    megabytes = gguf_path.stat().st_size / 1e6
+    try:
+        pace = float(json.loads((cache_root() / PACE_FILE).read_text())["seconds_per_mb"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pace = SECONDS_PER_MB
+    return megabytes * (pace if 0 < pace < 60 else SECONDS_PER_MB)
+
+
+def record_first_load(gguf_path: Path, seconds: float) -> None:
+    """Remember this machine's pace for the next estimate; a cache that cannot be written is no error."""
+    megabytes = gguf_path.stat().st_size / 1e6
+    try:
+        cache_root().mkdir(parents=True, exist_ok=True)
+        (cache_root() / PACE_FILE).write_text(json.dumps({"seconds_per_mb": seconds / max(megabytes, 1e-6)}))
+    except OSError:
+        pass

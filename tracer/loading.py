@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 FALLBACK_CONTEXT = 4096  # when neither the config nor the tokenizer states a limit
 
-Progress = Callable[[str], None]
+Progress = Callable[[str], None]  # may also have ``expect(seconds)``: how long the stage just named should take
 
 
 @dataclass
@@ -113,9 +114,12 @@ def _check_causal(folder: Path) -> None:
         )
 
 
-def _model_kwargs(device: torch.device, dtype: torch.dtype, load_in_4bit: bool, notices: list[str]) -> dict:
+def _model_kwargs(device: torch.device, dtype: torch.dtype, load_in_4bit: bool, notices: list[str],
+                  device_map: str | dict[str, str | int] | None) -> dict:
     kwargs: dict = {"dtype": dtype}
-    if device.type == "cuda":
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif device.type == "cuda":
         kwargs["device_map"] = "auto"  # accelerate spreads large models over the GPUs (and CPU)
     if load_in_4bit:
         if device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None:
@@ -134,13 +138,23 @@ def _load_pretrained(source: str | Path, kwargs: dict, *, local_only: bool) -> t
 
 
 def _load_gguf(path: Path, kwargs: dict, dtype: torch.dtype, progress: Progress) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load from the dequantized cache when present; otherwise dequantize now and fill the cache."""
+    """Load from the dequantized cache when present; otherwise dequantize now and fill the cache.
+
+    A first load takes a while (transformers reports nothing as it goes), so it is announced with how
+    long it should take (``progress.expect``, when the callback has it): the last first load on this
+    machine, per megabyte of GGUF file, or a default rate.
+    """
     progress(f"Checking the cache for {path.name}")
     folder = gguf_cache.cached_folder(path, str(dtype).removeprefix("torch."))
     if gguf_cache.is_complete(folder):
         progress(f"Loading {path.name} from the cache ({folder})")
         return _load_pretrained(folder, kwargs, local_only=True)
-    progress(f"Dequantizing {path.name} (first load only)")
+    expected = gguf_cache.expected_first_load(path)
+    progress(f"Dequantizing {path.name} (first load only, about {max(round(expected), 1)} s)")
+    expect = getattr(progress, "expect", None)
+    if expect is not None:
+        expect(expected)
+    started = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     progress("Converting the tokenizer (first load only)")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -149,6 +163,7 @@ def _load_gguf(path: Path, kwargs: dict, dtype: torch.dtype, progress: Progress)
         gguf_cache.write_cache(folder, model, tokenizer, path)
     except OSError as error:  # a read-only cache costs speed, not correctness
         progress(f"Could not write the cache ({_one_line(error)}); the next load will dequantize again")
+    gguf_cache.record_first_load(path, time.monotonic() - started)
     return model, tokenizer
 
 
@@ -170,13 +185,18 @@ def load_model(
     dtype: str = "auto",
     load_in_4bit: bool = False,
     progress: Progress | None = None,
+    device_map: str | dict[str, str | int] | None = None,
 ) -> LoadedModel:
-    """Load the model named by ``spec``; any failure is a ``ModelLoadError`` with one clear line."""
+    """Load the model named by ``spec``; any failure is a ``ModelLoadError`` with one clear line.
+
+    ``device_map`` (accelerate's: ``"auto"`` or module name -> device) places the
+    layers itself; by default a CUDA load is spread with ``"auto"``, others sit on ``device``.
+    """
     report = progress or (lambda message: None)
     notices: list[str] = []
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
-    kwargs = _model_kwargs(torch_device, torch_dtype, load_in_4bit, notices)
+    kwargs = _model_kwargs(torch_device, torch_dtype, load_in_4bit, notices, device_map)
     try:
         if spec is None:
             path = embedded_model_path()
@@ -215,6 +235,27 @@ def load_model(
         context_limit=context_limit(model, tokenizer),
         notices=notices,
     )
+
+
+def module_device(model: torch.nn.Module, module: torch.nn.Module) -> torch.device:
+    """Where ``module``, a submodule of ``model``, computes, read from the model.
+
+    An accelerate hook on it or on an enclosing module names its execution
+    device (with CPU or disk offload the weights wait elsewhere); otherwise its
+    own weights tell. Split models (``device_map``) put layers on different devices.
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    parts = names[id(module)].split(".") if names[id(module)] else []
+    for end in range(len(parts), -1, -1):
+        hook = getattr(modules.get(".".join(parts[:end])), "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else model.device
 
 
 def _load_hub(spec: str, kwargs: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

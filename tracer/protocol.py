@@ -56,6 +56,9 @@ class Session(Protocol):
     def positions(self) -> list[int]: ...
 
     @property
+    def attention_scores(self) -> list[float] | None: ...
+
+    @property
     def attention_available(self) -> bool: ...
 
     @property

@@ -40,10 +40,7 @@ def prefilled_state(loaded: LoadedModel, tokens: list[int], *, attention_scores:
     """
     engine = Engine(loaded, capture_attention=attention_scores)
     engine.prefill(tokens[:-1], 0)
-    keys, values = engine.tensors()
-    received = engine.received.tolist() if attention_scores else None
-    return KVState(keys, values, list(tokens), list(engine.positions), loaded.fingerprint,
-                   attention_scores=received)
+    return engine.state(tokens)
 
 
 def continuation_logits(loaded: LoadedModel, state: KVState, continuation: list[int]) -> torch.Tensor:

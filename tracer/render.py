@@ -1,17 +1,25 @@
-"""A readable rich rendering of a trace, for terminals and logs where the app can't run (``kvtrace --print``)."""
+"""A readable rich rendering of a trace, for terminals and logs where the app can't run (``kvtrace --print``).
+
+Laid out for the width it is given (80 columns when piped): one line per
+token, cells cut with an ellipsis rather than wrapped, and the columns that
+need room (the probability bar, lens layers) only where there is room.
+"""
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from tracer.lens import settling_layer
 from tracer.records import StepRecord
 from tracer.session import TraceSession
 from tracer.token_text import visible
 
 BAR_WIDTH = 10
+WIDE = 110  # from here: a probability bar and four lens layers; below, the settling layer alone
 
 
 def bar(value: float, width: int = BAR_WIDTH) -> str:
@@ -19,39 +27,64 @@ def bar(value: float, width: int = BAR_WIDTH) -> str:
     return "█" * filled + "·" * (width - filled)
 
 
-def step_table(session: TraceSession, records: list[StepRecord], lens_layers: list[int]) -> Table:
-    """One row per token: the choice, its probability, the runners-up, the strongest attention, the lens.
+def strongest_attended(session: TraceSession, record: StepRecord, count: int) -> str:
+    """The positions ``record`` attended to most, leaving out token 0 (the "attention sink" most models have)."""
+    if record.attention is None:
+        return ""
+    positions, weights = record.attention.positions, record.attention.mean
+    others = [i for i in range(len(weights)) if positions[i] != 0]
+    best = sorted(others, key=weights.__getitem__, reverse=True)[:count]
+    return "  ".join(f"{visible(session.token_text(positions[i]))}@{positions[i]} {weights[i]:.2f}" for i in best)
 
-    Headers are one short word each (the caption explains them), so the table keeps its shape at 80 columns.
+
+def step_table(session: TraceSession, records: list[StepRecord], lens_layers: list[int], *,
+               width: int = 120) -> Table:
+    """One line per token: the choice, its probability, the runners-up, the strongest attention, the lens.
+
+    Headers are one short word each (the caption explains them); the runners-up and the attention share
+    what the other columns leave of ``width``, and end in an ellipsis when longer.
     """
-    caption = "H: entropy (nats) · attended: strongest after token 0 · L<n>: the lens's top-1 at layer n"
+    lens = session.lens_supported
+    wide = width >= WIDE
+    tokens = [visible(session.token_text(r.position)) for r in records]
+    token_width = min(max((len(t) for t in tokens), default=5), 12)
+    fixed = len(str(len(records))) + max(token_width, 5) + 4 + 5 + (7 if lens else 0) + (6 if wide else 0) + 9 * len(lens_layers)
+    columns = 5 + int(lens) + int(wide) + int(session.attention_available) + len(lens_layers)
+    room = max(width - fixed - 2 * columns, 16)
+    also = room if not session.attention_available else room * 11 // 20
+    caption = ("H: entropy (nats) · attended: strongest after token 0"
+               + (" · settles: the first layer from which the lens keeps the token on top" if lens else "")
+               + (" · L<n>: the lens's top-1 at layer n" if lens_layers else ""))
     table = Table(title="Step by step", title_justify="left", caption=caption, caption_justify="left",
-                  expand=False, header_style="bold")
+                  expand=False, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("#", justify="right", style="dim", no_wrap=True)
-    table.add_column("token", style="bold cyan", min_width=5)
+    table.add_column("token", style="bold cyan", no_wrap=True, overflow="ellipsis", min_width=5, max_width=12)
     table.add_column("p", justify="right", no_wrap=True)
-    table.add_column("", no_wrap=True)
+    if wide:
+        table.add_column("", no_wrap=True)
     table.add_column("H", justify="right", style="dim", no_wrap=True)
-    table.add_column("also", overflow="fold", min_width=8)
+    if lens:
+        table.add_column("settles", justify="right", no_wrap=True)
+    table.add_column("also", no_wrap=True, overflow="ellipsis", max_width=also)
     if session.attention_available:
-        table.add_column("attended", overflow="fold", min_width=8)
+        table.add_column("attended", no_wrap=True, overflow="ellipsis", max_width=room - also)
     for layer in lens_layers:
-        table.add_column(f"L{layer}", style="magenta", overflow="fold", min_width=4)
-    for record in records:
-        others = "  ".join(f"{visible(c.text)} {c.prob:.2f}" for c in record.top[1:4] if c.token_id != record.token_id)
-        row = [str(record.index), visible(session.token_text(record.position)), f"{record.prob:.2f}",
-               bar(record.prob, 6), f"{record.entropy:.2f}", others]
-        if session.attention_available and record.attention is not None:
-            positions, weights = record.attention.positions, record.attention.mean
-            # the first token soaks up attention in most models (an "attention sink"): show what else mattered
-            others = [i for i in range(len(weights)) if positions[i] != 0]
-            best = sorted(others, key=weights.__getitem__, reverse=True)[:2]
-            row.append("  ".join(f"{visible(session.token_text(positions[i]))}@{positions[i]} {weights[i]:.2f}" for i in best))
-        elif session.attention_available:
-            row.append("")
-        if lens_layers:
-            layers = session.lens(record.index)
-            row.extend(visible(layers[layer].top[0].text) for layer in lens_layers)
+        table.add_column(f"L{layer}", style="magenta", no_wrap=True, overflow="ellipsis", max_width=9)
+    for record, token in zip(records, tokens):
+        alternatives = [c for c in record.top if c.token_id != record.token_id][: 3 if wide else 2]
+        others = "  ".join(f"{visible(c.text)} {c.prob:.2f}" for c in alternatives)
+        row = [str(record.index), token, f"{record.prob:.2f}"]
+        if wide:
+            row.append(bar(record.prob, 6))
+        row.append(f"{record.entropy:.2f}")
+        layers = session.lens(record.index) if lens else []
+        if lens:
+            settle = settling_layer(layers, record.token_id)
+            row.append("–" if settle is None else str(settle))
+        row.append(others)
+        if session.attention_available:
+            row.append(strongest_attended(session, record, 2 if wide else 1))
+        row.extend(visible(layers[layer].top[0].text) for layer in lens_layers)
         table.add_row(*row)
     return table
 
@@ -65,21 +98,22 @@ def lens_layers_to_show(num_layers: int, count: int = 4) -> list[int]:
 
 
 def trace_view(session: TraceSession, prompt: str, width: int = 120) -> Group:
-    """The whole trace for a terminal ``width`` columns wide (fewer lens columns when it is narrow)."""
+    """The whole trace for a terminal ``width`` columns wide (no bar and no lens columns when it is narrow)."""
     loaded = session.loaded
-    lens_columns = 4 if width >= 110 else 2 if width >= 70 else 0
-    layers = lens_layers_to_show(loaded.fingerprint.num_layers, lens_columns) if session.lens_supported else []
-    summary = Text.assemble(
-        ("model ", "dim"), (loaded.name, "bold"), ("  layers ", "dim"), str(loaded.fingerprint.num_layers),
-        ("  context ", "dim"), f"{session.context_tokens}/{loaded.context_limit}",
-        ("  KV cache ", "dim"), f"{session.kv_bytes / 1024:.0f} KiB",
-        ("  stopped: ", "dim"), str(session.stop_reason),
-    )
+    wide = width >= WIDE
+    layers = lens_layers_to_show(loaded.fingerprint.num_layers, 4) if session.lens_supported and wide else []
+    summary = Text(" · ", style="dim").join([
+        Text.assemble(("model ", "dim"), (loaded.name, "bold")),
+        Text.assemble(("layers ", "dim"), str(loaded.fingerprint.num_layers)),
+        Text.assemble(("context ", "dim"), f"{session.context_tokens}/{loaded.context_limit}"),
+        Text.assemble(("KV cache ", "dim"), f"{session.kv_bytes / 1024:.0f} KiB"),
+        Text.assemble(("stopped: ", "dim"), str(session.stop_reason)),
+    ])
     parts = [
         Panel(Text(prompt), title="prompt", title_align="left"),
         Panel(Text(session.reply_text()), title="reply", title_align="left", border_style="green"),
         summary,
-        step_table(session, session.records, layers),
+        step_table(session, session.records, layers, width=width),
     ]
     parts.extend(Text(f"note: {notice}", style="yellow") for notice in session.notices)
     return Group(*parts)

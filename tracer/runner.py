@@ -11,6 +11,11 @@ refreshes after every job.
 Each generation run has an id and its own cancel event: ``stop()`` ends the
 current run within one step, and a caller can drop events of runs it no
 longer shows.
+
+Beside the session the runner keeps what only it can know: whether the
+session changed since it was last saved or loaded (a screen asks before
+quitting), the state before the last prune (one level of undo, dropped at the
+next turn), and stable numbers for the lines of generation (``tracer.lines``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from kvstore.errors import PruneError
 from kvstore.pruning import PruneSpec
+from kvstore.state import KVState
 from tracer import usecases
 from tracer.autosave import Autosave
 from tracer.errors import UserError
@@ -36,14 +43,32 @@ from tracer.events import (
     SessionView,
     Stepped,
     TaskEnded,
+    TaskProgress,
     TurnStarted,
 )
+from tracer.lines import LineNumbers
 from tracer.protocol import Session
 from tracer.records import StepRecord
 
 Listener = Callable[[Event], None]
 Opener = Callable[[Callable[[str], None]], Session]  # progress callback -> session
 T = TypeVar("T")
+
+
+class OpenProgress:
+    """The progress callback an opener gets: stages as ``Progress`` events, and with ``expect`` how long
+    the work starting at the current stage should take (``tracer.loading`` says so for a first GGUF load)."""
+
+    def __init__(self, emit: Callable[[Event], None]) -> None:
+        self._emit = emit
+        self._stage = ""
+
+    def __call__(self, text: str) -> None:
+        self._stage = text
+        self._emit(Progress(text))
+
+    def expect(self, seconds: float) -> None:
+        self._emit(Progress(self._stage, expected=seconds))
 
 
 class SessionRunner:
@@ -60,6 +85,12 @@ class SessionRunner:
         self._cancel = threading.Event()
         self._lens_wanted: int | None = None
         self._open_error: BaseException | None = None
+        self._lines = LineNumbers()
+        self._version = 0  # bumped by every change to the session
+        self._saved_version = 0  # the version last saved or loaded
+        self._saved_to: str | None = None
+        self._before_prune: tuple[KVState, int] | None = None  # the state and version a prune replaced
+        self._next_version = 1  # never reused: an undone version can never equal a later one
         self._thread = threading.Thread(target=self._work, name="kvtrace-runner", daemon=True)
         self._thread.start()
 
@@ -84,7 +115,10 @@ class SessionRunner:
 
     def _refresh(self) -> SessionView:
         assert self._session is not None
-        self.view = SessionView.of(self._session, self.autosave.last if self.autosave else None)
+        unsaved = self._version != self._saved_version and bool(self._session.token_ids)
+        self.view = SessionView.of(self._session, self._lines, unsaved=unsaved, saved_to=self._saved_to,
+                                   can_undo_prune=self._before_prune is not None,
+                                   autosaved=self.autosave.last if self.autosave else None)
         return self.view
 
     def _autosave(self, session: Session, kind: str) -> None:
@@ -94,7 +128,21 @@ class SessionRunner:
         except Exception as error:
             self._emit(AutoSaved(None, f"autosave failed: {self._explain(error)}", error=True))
             return
-        self._emit(AutoSaved(self.autosave.last, message))
+        self._saved(self.autosave.last)  # nothing is lost by quitting now
+        self._emit(AutoSaved(self.autosave.last, message, view=self._refresh()))
+
+    def _changed(self) -> None:
+        """The session changed: it differs from any saved copy."""
+        self._version = self._next_version
+        self._next_version += 1
+
+    def _saved(self, path: str) -> None:
+        self._saved_version = self._version
+        self._saved_to = path
+
+    def _new_turn(self) -> None:
+        """Generation, a branch switch or a load moves on: the state before the last prune is let go."""
+        self._before_prune = None
 
     def call(self, job: Callable[[Session], T]) -> Future[T]:
         """Run ``job(session)`` in the worker (after what is queued); its result or error in the future.
@@ -131,7 +179,7 @@ class SessionRunner:
 
         def run() -> None:
             try:
-                self._session = opener(lambda text: self._emit(Progress(text)))
+                self._session = opener(OpenProgress(self._emit))
             except Exception as error:
                 self._open_error = error
                 self._emit(OpenFailed(self._explain(error)))
@@ -144,12 +192,29 @@ class SessionRunner:
     def headless(cls, opener: Opener, progress: Callable[[str], None]) -> SessionRunner:
         """A runner for scripts: opens the session and waits for it (an open failure is raised here).
 
-        Loading stages go to ``progress``; use ``call`` for the work itself.
+        Loading stages go to ``progress``; use ``call`` for the work itself, and the runner as a context
+        manager, so its worker has ended before the interpreter does (whatever the job raised).
         """
-        runner = cls(lambda event: progress(event.text) if isinstance(event, Progress) else None)
+        def stages(event: Event) -> None:
+            if isinstance(event, Progress) and event.expected is None:  # each stage once
+                progress(event.text)
+
+        runner = cls(stages)
         runner.open(opener)
-        runner.call(lambda session: None).result()
+        try:
+            runner.call(lambda session: None).result()
+        except BaseException:
+            runner.__exit__(None, None, None)
+            raise
         return runner
+
+    def __enter__(self) -> SessionRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop what runs and wait for the worker to end."""
+        self.close()
+        self.join()
 
     def attach(self, session: Session) -> None:
         """Use an already open session."""
@@ -165,21 +230,30 @@ class SessionRunner:
             session = self._session
             assert session is not None
             error = None
-            before = (len(session.token_ids), len(session.records))
+            stepped = False
+            version = self._version
 
             def on_step(record: StepRecord) -> None:
+                nonlocal stepped
+                stepped = True
                 if not cancel.is_set():
-                    self._emit(Stepped(run_id, record, session.context_tokens, session.kv_bytes))
+                    self._emit(Stepped(run_id, record, session.context_tokens, session.kv_bytes,
+                                       session.token_text(record.position)))
 
             try:
                 if prepare is not None:
                     prepare(session)
+                    self._new_turn()
+                    self._changed()
                     self._emit(TurnStarted(run_id, self._refresh()))
                 session.generate(steps, cancel=cancel, on_step=on_step)
             except Exception as exc:
                 error = self._explain(exc)
+            if stepped:
+                self._new_turn()
+                self._changed()
             self._emit(RunEnded(run_id, session.stop_reason, error, self._refresh()))
-            if self.autosave is not None and (len(session.token_ids), len(session.records)) != before:
+            if self.autosave is not None and self._version != version:
                 self._autosave(session, kind)
 
         self._jobs.put(run)
@@ -195,7 +269,12 @@ class SessionRunner:
 
     def branch(self, index: int, token_id: int) -> int:
         """From generated token ``index``, continue with ``token_id`` instead (the old line is kept)."""
-        return self._start_run(lambda session: session.branch(index, token_id), None, "branch")
+
+        def prepare(session: Session) -> None:
+            session.branch(index, token_id)
+            self._lines.branched()
+
+        return self._start_run(prepare, None, "branch")
 
     def stop(self) -> None:
         """End the running generation within one step."""
@@ -232,36 +311,76 @@ class SessionRunner:
         self._jobs.put(run)
 
     def save(self, path: str, codec: str) -> None:
-        self._task("save", lambda s: usecases.save(s, path, codec).describe(), changes_session=False)
+        def save(session: Session) -> str:
+            saved = usecases.save(session, path, codec)
+            self._saved(path)
+            return saved.describe()
+
+        self._task("save", save, changes_session=True)
 
     def load(self, path: str) -> None:
         """Continue from the snapshot ``path`` names (a ``.kvs`` file or ``DIR:NAME``)."""
+
         def load(session: Session) -> str:
-            message = usecases.load_into(session, path).describe()
+            loaded = usecases.load_into(session, path)
+            if not session.branches:  # another transcript: its lines start afresh
+                self._lines.restart()
+            self._new_turn()
+            self._changed()
+            self._saved(path)
             if self.autosave is not None:
                 self.autosave.loaded(path)
-            return message
+            return loaded.describe()
 
         self._task("load", load, changes_session=True)
 
     def prune(self, spec: PruneSpec) -> None:
         def prune(session: Session) -> str:
-            message = usecases.prune(session, spec).describe()
+            version = self._version
+            pruned = usecases.prune(session, spec)
+            self._before_prune = (pruned.before, version)
+            self._changed()
             if self.autosave is not None:
                 self.autosave.changed()
-            return message
+            return pruned.describe()
 
         self._task("prune", prune, changes_session=True)
 
+    def undo_prune(self) -> None:
+        """Put back the cache as it was before the last prune (kept until the next turn)."""
+
+        def undo(session: Session) -> str:
+            if self._before_prune is None:
+                raise PruneError("there is no prune to undo (a prune can be undone until the next turn)")
+            state, version = self._before_prune
+            undone = usecases.undo_prune(session, state)
+            self._before_prune = None
+            self._version = version  # exactly the state it was: saved if it was saved
+            if self.autosave is not None:
+                self.autosave.changed()
+            return undone.describe()
+
+        self._task("undo", undo, changes_session=True)
+
     def export(self, path: str) -> None:
-        self._task("export", lambda s: usecases.export_trace(s, path).describe(), changes_session=False)
+        def export(session: Session) -> str:
+            return usecases.export_trace(
+                session, path, with_lens=session.lens_supported,
+                progress=lambda done, total: self._emit(TaskProgress("export", done, total))).describe()
+
+        self._task("export", export, changes_session=False)
 
     def switch_branch(self, index: int) -> None:
+        """Make line ``index`` of the view's ``branches`` current; the line left takes its place."""
+
         def switch(session: Session) -> str:
-            label = self.view.branch_labels[index] if self.view and index < len(self.view.branch_labels) else ""
+            left = self._lines.current
             session.switch_branch(index)
+            self._lines.switched(index)
+            self._new_turn()
+            self._changed()
             if self.autosave is not None:
                 self.autosave.switched(index)
-            return f"switched to branch {index} ({label}); the line you left takes its place in the list"
+            return f"now on line {self._lines.current}; line {left}, which you left, is kept"
 
         self._task("branch", switch, changes_session=True)

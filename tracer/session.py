@@ -11,10 +11,9 @@ records, sampling and stop rules, the lens cache, branches, export/import.
 
 from __future__ import annotations
 
-import bisect
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
@@ -43,7 +42,6 @@ class TurnMark:
     message_count: int
     rendered: str
     reply_start: int
-    received: torch.Tensor  # attention received per cache entry once the turn's prompt was fed
 
 
 @dataclass
@@ -119,6 +117,11 @@ class TraceSession:
         return self.engine.attention_available
 
     @property
+    def attention_scores(self) -> list[float] | None:
+        """Attention received so far by each cache entry (what heavy-hitter pruning ranks); None untraced."""
+        return self.engine.layout.attention_scores() if self.attention_available else None
+
+    @property
     def lens_supported(self) -> bool:
         """False when the model's final norm or output head was not found (a notice says so)."""
         return self._lens is not None
@@ -171,9 +174,7 @@ class TraceSession:
         self._generator_seed = self.sampling.seed
 
     def _mark_turn(self) -> None:
-        mark = TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start,
-                        self.engine.received.clone())
-        self._turns.append(mark)
+        self._turns.append(TurnMark(len(self.records), len(self.messages), self._rendered, self._reply_start))
 
     def _begin_reply(self) -> None:
         self._reply_start = len(self.token_ids)
@@ -197,7 +198,6 @@ class TraceSession:
         step = self.engine.decode(self.token_ids[-1], position)
         token = forced if forced is not None else choose_token(step.logits, self.sampling, self._generator)
         prob, logprob, entropy, top = capture.distribution(step.logits, token, self.top_k, self._piece)
-        attention = None if step.attention is None else capture.evidence(step.attention, self.engine.positions)
         self.token_ids.append(token)
         record = StepRecord(
             index=len(self.records),
@@ -208,7 +208,7 @@ class TraceSession:
             logprob=logprob,
             entropy=entropy,
             top=top,
-            attention=attention,
+            attention=step.attention,
             forced=forced is not None,
         )
         self.records.append(record)
@@ -300,10 +300,10 @@ class TraceSession:
     def _crop(self, keep_tokens: int, keep_records: int) -> None:
         """Go back to the transcript's first ``keep_tokens`` tokens (the last one pending).
 
-        ``keep_records`` must lie in a turn still held; that turn's chat, and the
-        attention received as it stood then plus what its kept steps added, come back.
+        ``keep_records`` must lie in a turn still held; that turn's chat comes back. The engine
+        takes back the cache entries and the attention the dropped tokens gave.
         """
-        keep_entries = bisect.bisect_left(self.engine.positions, keep_tokens - 1)
+        self.engine.crop(keep_tokens - 1, self.token_ids)
         del self.token_ids[keep_tokens:]
         while len(self._turns) > 1 and self._turns[-1].first_record > keep_records:
             self._turns.pop()
@@ -311,13 +311,6 @@ class TraceSession:
         self.messages = self.messages[: mark.message_count]
         self._rendered = mark.rendered
         self._reply_start = mark.reply_start
-        received = torch.zeros(keep_entries, dtype=torch.float64)
-        received[: len(mark.received)] = mark.received[:keep_entries]  # shorter after pruning
-        for record in self.records[mark.first_record : keep_records]:
-            if record.attention is not None:
-                mean = torch.tensor(list(record.attention.mean)[:keep_entries], dtype=torch.float64)
-                received[: len(mean)] += mean
-        self.engine.crop(keep_entries, received)
         del self.records[keep_records:]
         del self._hidden[keep_records:]
         context = self.token_ids[max(0, self._reply_start - DECODER_CONTEXT) : self._reply_start]
@@ -357,20 +350,15 @@ class TraceSession:
         self.branches[i] = self._current_line(label)
         self._restore(other.state)
         self.records, self._hidden, self._turns = list(other.records), list(other.hidden), list(other.turns)
+        self.stop_reason = other.state.metadata.get("stop_reason")  # the line ended as it did when set aside
 
     # ------------------------------------------------------- export / import
     def export_state(self) -> KVState:
         """The paused generation (cache, transcript, positions, received attention, chat metadata)."""
         if not self.token_ids:
             raise TracerError("there is nothing to save yet: start a turn first")
-        keys, values = self.engine.tensors()
-        return KVState(
-            keys=keys,
-            values=values,
-            token_ids=list(self.token_ids),
-            positions=list(self.engine.positions),
-            fingerprint=self.loaded.fingerprint,
-            attention_scores=self.engine.received.tolist() if self.attention_available else None,
+        return replace(
+            self.engine.state(self.token_ids),
             metadata={
                 "messages": [dict(m) for m in self.messages],
                 "reply": self.reply_text(),

@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
-import torch
 
 from kvstore.metadata import plain
 from tracer import records as record_types
@@ -55,7 +54,6 @@ class Turn(NamedTuple):
     message_count: int
     rendered: str
     reply_start: int
-    received: torch.Tensor  # float64, attention received per cache entry when the turn's prompt was fed
 
 
 class Trace(NamedTuple):
@@ -73,9 +71,8 @@ def encode(records: Sequence[StepRecord], turns: Sequence[Any]) -> bytes:
     for index in range(len(records) + 1):
         while turn < len(ordered) and ordered[turn].first_record == index:
             mark = ordered[turn]
-            received = np.asarray(mark.received.detach().cpu(), dtype="<f8")
             parts.append(packer.pack(["turn", mark.first_record, mark.message_count, mark.rendered,
-                                      mark.reply_start, received.tobytes()]))
+                                      mark.reply_start]))
             turn += 1
         if index < len(records):
             parts.append(packer.pack(_record(records[index])))
@@ -168,22 +165,21 @@ class _Reader:
     def item(self, item: Any) -> None:
         if not (isinstance(item, list) and item and isinstance(item[0], str)):
             raise _defect("an item is not a tagged array")
-        if item[0] == "turn" and len(item) == 6:
+        if item[0] == "turn" and len(item) == 5:
             self._turn(*item[1:])
         elif item[0] == "step" and len(item) == 13:
             self._step(*item[1:])
         else:
             raise _defect(f"an item of kind {item[0][:20]!r} has the wrong length")
 
-    def _turn(self, first: Any, messages: Any, rendered: Any, reply_start: Any, received: Any) -> None:
+    def _turn(self, first: Any, messages: Any, rendered: Any, reply_start: Any) -> None:
         if first != len(self.records) or (self.turns and self.turns[-1].first_record > first):
             raise _defect("a turn mark is out of place")
         if not _count(messages, self.messages) or not _count(reply_start, len(self.token_ids)):
             raise _defect("a turn mark's counts lie outside the transcript")
         if not isinstance(rendered, str):
             raise _defect("a turn mark's rendered text is not a string")
-        values = _array(received, "<f8", len(self.token_ids), "a turn's received attention")
-        self.turns.append(Turn(first, messages, rendered, reply_start, torch.from_numpy(values.copy())))
+        self.turns.append(Turn(first, messages, rendered, reply_start))
 
     def _step(self, index: Any, position: Any, token_id: Any, text: Any, prob: Any, logprob: Any, entropy: Any,
               top: Any, attention: Any, lens: Any, forced: Any, extra: Any) -> None:

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import TextIO
 
 from kvstore.atomic import atomic_writer, output_target
-from kvstore.errors import SnapshotError
+from kvstore.errors import PruneError, SnapshotError
 from kvstore.format import DEFAULT_CODEC
 from kvstore.pruning import PruneSpec
 from kvstore.snapshot import SnapshotInfo
 from kvstore.state import KVState
 from kvstore.store import Collected, EntryInfo, Store, default_store_path
 from tracer import references
-from tracer.errors import SettingsError
+from tracer.errors import SettingsError, TracerError
 from tracer.loading import EMBEDDED_NAME, LoadedModel, load_model, quiet_transformers
 from tracer.protocol import Session
 from tracer.sampling import SamplingSettings
@@ -220,11 +220,51 @@ def prune_state(state: KVState, spec: PruneSpec) -> Pruned:
                   len(state.token_ids), pruned)
 
 
-def prune(session: Session, spec: PruneSpec) -> Pruned:
+@dataclass(frozen=True)
+class SessionPruned:
+    """A prune of a live session, with the state before it (what ``undo_prune`` puts back)."""
+
+    result: Pruned
+    before: KVState
+
+    def describe(self) -> str:
+        return self.result.describe()
+
+
+def _keeping_stop_reason(session: Session, state: KVState) -> None:
+    """Import a state of the session's own transcript: the reply ended as it did (a prune is no new step)."""
+    stop_reason = session.stop_reason
+    session.import_state(state)
+    session.stop_reason = stop_reason
+
+
+def prune(session: Session, spec: PruneSpec) -> SessionPruned:
     """Prune the session's cache in place (its trace and records stay: only the cache changes)."""
-    result = prune_state(session.export_state(), spec)
-    session.import_state(result.state)
-    return result
+    before = session.export_state()
+    result = prune_state(before, spec)
+    _keeping_stop_reason(session, result.state)
+    return SessionPruned(result, before)
+
+
+@dataclass(frozen=True)
+class PruneUndone:
+    entries_before: int
+    entries_after: int
+    bytes_before: int
+    bytes_after: int
+
+    def describe(self) -> str:
+        return (f"prune undone: cached entries {self.entries_before} -> {self.entries_after}, "
+                f"KV {self.bytes_before:,} -> {self.bytes_after:,} bytes")
+
+
+def undo_prune(session: Session, before: KVState) -> PruneUndone:
+    """Put back the cache as it was before a prune (``SessionPruned.before``), if the transcript is unchanged."""
+    if before.token_ids != session.token_ids:
+        raise PruneError("the transcript changed since the prune, so there is nothing to undo")
+    entries, nbytes = len(session.positions), session.kv_bytes
+    _keeping_stop_reason(session, before)
+    return PruneUndone(entries, len(session.positions), nbytes, session.kv_bytes)
 
 
 # -------------------------------------------------------------------------------------- traces
@@ -255,12 +295,19 @@ class Exported:
         return f"exported {self.steps} steps to {self.path}"
 
 
-def export_trace(session: Session, path: str, *, with_lens: bool = False) -> Exported:
-    """Write everything the session traced so far as JSON Lines (the ``--dump`` schema)."""
+def export_trace(session: Session, path: str, *, with_lens: bool = True,
+                 progress: Callable[[int, int], None] | None = None) -> Exported:
+    """Write everything the session traced so far as JSON Lines (the ``--dump`` schema).
+
+    With ``with_lens`` every step's lens is computed (those not yet shown), ``progress(done, total)``
+    told as the steps are written.
+    """
     from tracer.dump import write_trace
 
+    if not session.token_ids:
+        raise TracerError("there is nothing to export yet: start a turn first")
     with trace_output(path) as out:
-        write_trace(session, out, with_lens=with_lens)
+        write_trace(session, out, with_lens=with_lens, progress=progress)
     return Exported(path, len(session.records))
 
 

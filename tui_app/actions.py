@@ -43,25 +43,34 @@ KEY_NAMES = {"question_mark": "?", "colon": ":", "left_square_bracket": "[", "ri
 
 ACTIONS: list[Action] = [
     Action("generate", "g", "Gen", "generate up to max-new-tokens more tokens", footer=True),
-    Action("step", "n", "Step", "generate exactly one token", footer=True),
+    Action("step", "n", "Step", "generate exactly one token"),
     Action("stop", "escape", "Stop", "stop generating (within one step)", footer=True),
     Action("branch", "b", "Branch", "from the selected token, continue with the ▶ candidate", footer=True),
-    Action("switch_branch", "B", "Other branch", "swap to the previous branch and back (every branch is in the "
-           "palette)"),
+    Action("switch_branch", "B", "Other line", "go back to the line of generation you came from, and again to "
+           "return (lines are numbered; every line is in the palette)"),
     Action("save", "ctrl+s", "Save", "save a snapshot of the KV cache (file name, codec)", "Save snapshot",
            footer=True),
     Action("load", "ctrl+o", "Load", "load a snapshot (its header is shown first)", "Load snapshot", footer=True),
-    Action("prune", "ctrl+p,p", "Prune", "prune the KV cache (method, budget)", "Prune cache", key_display="p",
+    Action("prune", "ctrl+p,p", "Prune", "prune the KV cache: method and budget, what is dropped shown before you confirm", "Prune cache", key_display="p",
            footer=True),
-    Action("export", "ctrl+e", "Export", "export the trace as JSON Lines", "Export trace", priority=True),
+    Action("undo_prune", "u", "Undo prune", "undo the last prune (possible until the next turn)", "Undo prune"),
+    Action("export", "ctrl+e", "Export", "export the trace as JSON Lines (the --dump schema, every step's lens "
+           "computed)", "Export trace", priority=True),
     Action("history", "h", "History", "the snapshot store's history: every saved turn and branch, to go back to",
            "History of saved turns"),
-    Action("move(-1)", "left", "Previous token", "select the previous generated token", palette=False),
+    Action("copy('token')", "c", "Copy token", "copy the selected token's details (clipboard via OSC 52, and "
+           "kvtrace-copy.txt)", "Copy token details"),
+    Action("copy('reply')", "y", "Copy reply", "copy the last reply (clipboard via OSC 52, and kvtrace-copy.txt)",
+           "Copy reply"),
+    Action("copy('chat')", "Y", "Copy chat", "copy the whole chat (clipboard via OSC 52, and kvtrace-copy.txt)",
+           "Copy chat"),
+    Action("move(-1)", "left", "Previous token", "select the previous generated token (or click it)",
+           palette=False),
     Action("move(1)", "right", "Next token", "select the next generated token", palette=False),
     Action("first", "home", "First token", "select the first generated token", palette=False),
     Action("last", "end", "Last token", "select the last generated token", palette=False),
-    Action("candidate(-1)", "up", "Previous candidate", "choose the top-k candidate (▶) above for branching",
-           palette=False),
+    Action("candidate(-1)", "up", "Previous candidate", "choose the top-k candidate (▶) above for branching (or "
+           "click it; a double click branches)", palette=False),
     Action("candidate(1)", "down", "Next candidate", "choose the top-k candidate (▶) below for branching",
            palette=False),
     Action("attention_mode", "a", "Mean/layer", "attention pane: the mean over layers or one layer"),
@@ -73,12 +82,12 @@ ACTIONS: list[Action] = [
     Action("pane('attention')", "2", "Show attention", "show the attention pane (narrow terminals)"),
     Action("pane('lens')", "3", "Show lens", "show the lens pane (narrow terminals)"),
     Action("focus_input", "i", "Type a message", "go to the input box"),
-    Action("help", "f1,question_mark", "Help", "show every key", key_display="?", footer=True,
-           needs_session=False),
+    Action("help", "f1,question_mark", "Help", "show every key (F1 works in the input box too)", key_display="F1",
+           footer=True, needs_session=False),
     Action("command_palette", "f2,colon", "Palette", "command palette: every action (ctrl+p is prune here)",
            palette=False, needs_session=False, priority=True),
-    Action("leave", "q", "Quit", "quit (ctrl+q always quits, also from the input box)", footer=True,
-           needs_session=False),
+    Action("leave", "q", "Quit", "quit (ctrl+q also from the input box); asks first while a reply is being "
+           "generated or there are unsaved changes", footer=True, needs_session=False),
 ]
 
 SESSION_ACTIONS = frozenset(a.name for a in ACTIONS if a.needs_session)
@@ -102,5 +111,6 @@ def help_rows() -> list[tuple[str, str]]:
     """(keys, what they do) for the help screen: Enter and Tab first, then the table."""
     first = [a for a in ACTIONS if a.name in ("command_palette", "help")]
     rows = [("Enter", "send the message in the input box and generate the reply"),
-            ("Tab / shift+Tab", "move the focus between the input, the timeline and the panes")]
+            ("Tab / shift+Tab", "move the focus between the input, the timeline and the chat"),
+            ("PageUp / PageDown", "scroll the focused timeline or chat (the mouse wheel scrolls any pane)")]
     return rows + [(a.shown_keys, a.help) for a in [*first, *(a for a in ACTIONS if a not in first)] if a.keys]

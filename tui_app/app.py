@@ -6,13 +6,14 @@ an event; the runner's listener wraps each event in a ``RunnerEvent`` message,
 so widgets are updated from the event loop alone. The screen is drawn from
 ``SessionView`` summaries the runner takes in its worker, and each generation
 run has an id: steps of a run that was cancelled or superseded are dropped.
+Whatever changes the session (a turn, a load, a prune, a branch) redraws every
+pane from the new view, so no pane shows another session's data.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from datetime import datetime
 from functools import partial
 
@@ -20,6 +21,7 @@ from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.containers import Container, Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
+from textual.timer import Timer
 from textual.widgets import Footer, Input, Static
 
 from kvstore.pruning import PruneSpec
@@ -30,13 +32,17 @@ from tracer.records import StepRecord
 from tracer.autosave import Autosave
 from tracer.runner import Opener, SessionRunner
 from tui_app import actions
-from tui_app.formatting import byte_count
+from tui_app.clipboard import copy
+from tui_app.details import chat_text, token_details
+from tui_app.formatting import byte_count, loading_text
 from tui_app.messages import RunnerEvent
 from tui_app.screens.help import HelpScreen
 from tui_app.screens.history import HistoryScreen
 from tui_app.screens.load import LoadScreen
 from tui_app.screens.prune import PruneScreen
+from tui_app.screens.quit import QUIT, SAVE_FIRST, QuitScreen, quit_reasons
 from tui_app.screens.save import SaveRequest, SaveScreen
+from tui_app.transcript import pruned_note
 from tui_app.widgets.attention import AttentionPane
 from tui_app.widgets.chat import ChatView
 from tui_app.widgets.lens import LensPane
@@ -44,12 +50,22 @@ from tui_app.widgets.status import StatusBar
 from tui_app.widgets.timeline import TokenTimeline
 from tui_app.widgets.topk import TopKPane
 
+
 def sentence(message: str) -> str:
     """A one-line message of the use-case layer (a lowercase fragment) as a notification sentence."""
     return message[:1].upper() + message[1:] + ("" if message.endswith((".", "!", "?")) else ".")
 
 
 PANES = {"topk": "1 Top-k", "attention": "2 Attention", "lens": "3 Lens"}
+ENDINGS = {  # how the chat says why the reply stopped
+    "eos": "end of answer",
+    "stop": "stopped at a stop string (g continues)",
+    "max_tokens": "stopped: max tokens (g continues)",
+    "cancelled": "stopped (Esc) · g continues",
+    "context_full": "stopped: the context window is full (p prunes the cache to make room)",
+}
+TASKS = {"saving": "a save", "loading": "a load", "pruning": "a prune", "exporting": "an export",
+         "switching": "a branch switch", "undoing": "an undo"}
 
 
 class KvtraceApp(App[None]):
@@ -77,11 +93,17 @@ class KvtraceApp(App[None]):
         self.run_id = 0
         self.generating = False
         self.busy = False  # a save/load/prune/export/switch task is running
+        self.activity = ""  # its activity ("saving", ...)
+        self.quit_after_save = False
+        self._last_save: SaveRequest | None = None
         self.active_pane = "topk"
         self._run_started = 0.0  # when the run's first token arrived
         self._run_steps = 0
         self._live_reply = ""
         self._token_texts: dict[int, str] = {}
+        self._stage = ""  # the model loading stage shown
+        self._clock: tuple[float, float] | None = None  # timed loading work: when it started, seconds expected
+        self._ticker: Timer | None = None
 
     # -- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -89,15 +111,15 @@ class KvtraceApp(App[None]):
         with Horizontal(id="main"):
             with Vertical(id="left"):
                 yield ChatView(id="chat")
-                yield Input(self.initial_prompt, placeholder="Message the model, Enter to send (Tab: tokens, F1 help)",
-                            id="prompt")
             with Vertical(id="right"):
-                yield TokenTimeline(id="timeline")
+                yield TokenTimeline(self._token_text, id="timeline")
                 yield Static(id="pane-bar")
                 with Container(id="panes"):
                     yield TopKPane(id="topk", classes="pane -active")
+                    yield LensPane(id="lens", classes="pane")  # before attention: the wide grid's right column
                     yield AttentionPane(self._token_text, id="attention", classes="pane")
-                    yield LensPane(id="lens", classes="pane")
+        yield Input(self.initial_prompt, placeholder="Message the model; Enter sends · Tab: tokens · F1: help · "
+                    "ctrl+q: quit", id="prompt")
         yield Footer(compact=True)
 
     @property
@@ -132,7 +154,20 @@ class KvtraceApp(App[None]):
             handler(self, message.event)
 
     def _progress(self, event: events.Progress) -> None:
-        self.chat.show_progress(f"Loading: {event.text}")
+        self._stage = event.text
+        if event.expected is not None:  # timed work starts: a bar from now on, redrawn as time passes
+            self._clock = (time.monotonic(), event.expected)
+            self._ticker = self._ticker or self.set_interval(0.5, self._draw_progress)
+        self._draw_progress()
+
+    def _draw_progress(self) -> None:
+        if self.view is not None or self.load_error is not None:
+            if self._ticker is not None:
+                self._ticker.stop()
+            return
+        started, expected = self._clock or (0.0, None)
+        elapsed = time.monotonic() - started if self._clock else None
+        self.chat.show_progress(loading_text(self._stage, elapsed, expected))
 
     def _opened(self, event: events.Opened) -> None:
         view = event.view
@@ -147,21 +182,19 @@ class KvtraceApp(App[None]):
     def _open_failed(self, event: events.OpenFailed) -> None:
         self.load_error = event.error
         self.status_bar.set(activity="load failed")
-        self.chat.show_failure(f"The model could not be loaded: {event.error}", "Press ctrl+q to quit.")
+        prompt = self.query_one("#prompt", Input)
+        prompt.disabled = True  # nothing to send to: q and the other keys reach the app
+        self.chat.show_failure(f"The model could not be loaded: {event.error}", "Press q or ctrl+q to quit.")
 
     def _turn_started(self, event: events.TurnStarted) -> None:
         if event.run_id == self.run_id and self.generating:
-            view = self.view = event.view
-            self._token_texts = dict(enumerate(view.token_texts))
-            self.timeline.set_records(list(view.records))
-            self.chat.show_conversation(list(view.messages), view.reply)
-            self._live_reply = view.reply
+            self._sync_view(event.view, streaming=True)
 
     def _stepped(self, event: events.Stepped) -> None:
         if event.run_id != self.run_id or not self.generating:
             return  # a step of a cancelled or superseded run
         record = event.record
-        self._token_texts[record.position] = record.text
+        self._token_texts[record.position] = event.piece or record.text
         self._run_steps += 1
         self._live_reply += record.text
         self.timeline.append(record)
@@ -191,20 +224,32 @@ class KvtraceApp(App[None]):
         if record is not None and record.index == event.index:
             self.query_one(LensPane).show(record, event.layers)
 
+    def _task_progress(self, event: events.TaskProgress) -> None:
+        self.status_bar.set(activity=f"{self.activity} {event.done}/{event.total}")
+
     def _task_ended(self, event: events.TaskEnded) -> None:
         if event.task != "lens":
             self.busy = False
+            self.activity = ""
             self.status_bar.set(activity="idle")
         if event.view is not None:
             self._sync_view(event.view)
-        self.notify(sentence(event.message), severity="error" if event.error else "information", timeout=8)
+        if event.task == "save" and event.error:
+            self._reopen_save(event.message)
+            return
+        message = sentence(event.message)
+        if event.task == "prune" and not event.error:
+            message += " Press u to undo it (until the next turn)."
+        self.notify(message, severity="error" if event.error else "information", timeout=8)
+        if event.task == "save" and self.quit_after_save:
+            self.exit()
 
     def _auto_saved(self, event: events.AutoSaved) -> None:
         self.status_bar.set(autosave="autosave failed" if event.error else "autosaved")
         if event.error:
             self.notify(sentence(event.message), severity="error", timeout=8)
-        elif self.view is not None:
-            self.view = replace(self.view, autosaved=event.reference)
+        elif event.view is not None:
+            self.view = event.view  # saved now: quitting loses nothing
 
     _HANDLERS: dict[type, Callable[[KvtraceApp, events.Event], None]] = {
         events.Progress: _progress,
@@ -214,6 +259,7 @@ class KvtraceApp(App[None]):
         events.Stepped: _stepped,
         events.RunEnded: _run_ended,
         events.LensReady: _lens_ready,
+        events.TaskProgress: _task_progress,
         events.TaskEnded: _task_ended,
         events.AutoSaved: _auto_saved,
     }
@@ -231,8 +277,9 @@ class KvtraceApp(App[None]):
             yield SystemCommand(entry.command, f"{sentence(entry.help)} ({entry.shown_keys})",
                                 partial(self.run_action, entry.action))
         if self.view is not None:
-            for i, label in enumerate(self.view.branch_labels):
-                yield SystemCommand(f"Switch to branch {i}: {label}", "Swap the current line with this branch",
+            for i, line in enumerate(self.view.branches):
+                yield SystemCommand(f"Switch to line {line.number}: {line.label}",
+                                    f"Make line {line.number} current (you are on line {self.view.line})",
                                     partial(self._switch_branch, i))
         yield from super().get_system_commands(screen)
 
@@ -241,20 +288,35 @@ class KvtraceApp(App[None]):
         """Text of the transcript token at ``position``, from the last view and the steps since."""
         return self._token_texts.get(position, "…")
 
-    def _sync_view(self, view: SessionView) -> None:
-        """Redraw everything from a view the runner took."""
+    def _sync_view(self, view: SessionView, *, streaming: bool = False) -> None:
+        """Redraw everything from a view the runner took: chat, timeline and every pane."""
         self.view = view
         self._token_texts = dict(enumerate(view.token_texts))
-        self.timeline.set_records(list(view.records))
-        messages = list(view.messages)
-        reply = view.reply
-        self._live_reply = reply
+        cached = set(view.positions)
+        pruned = frozenset(r.position for r in view.records if r.position < view.next_position) - cached
+        self.timeline.set_records(list(view.records), pruned)  # its Selected message redraws the panes
+        self._live_reply = view.reply
+        notes = [] if streaming else self._notes(view, cached)
+        self.chat.show_conversation(*self._conversation(), notes)
+        self.status_bar.set(context_tokens=view.context_tokens, kv_bytes=view.kv_bytes)
+
+    def _conversation(self) -> tuple[list[dict[str, str]], str | None]:
+        """The chat's messages, and the reply being written unless it is the last message already."""
+        messages, reply = list(self.view.messages), self._live_reply
         already_in = bool(messages) and messages[-1]["role"] == "assistant" and messages[-1]["content"] == reply
         show_reply = not already_in and (bool(reply) or (bool(messages) and messages[-1]["role"] == "user"))
-        self.chat.show_conversation(messages, reply if show_reply else None)
-        self.status_bar.set(context_tokens=view.context_tokens, kv_bytes=view.kv_bytes)
-        if not view.records:
-            self._show_selection(None)
+        return messages, reply if show_reply else None
+
+    @staticmethod
+    def _notes(view: SessionView, cached: set[int]) -> list[str]:
+        """Dim lines under the chat: why the reply stopped, and what the cache no longer holds."""
+        notes = []
+        if view.stop_reason in ENDINGS and view.messages:
+            notes.append(ENDINGS[view.stop_reason])
+        pruned = pruned_note(view.token_texts, cached)
+        if pruned is not None:
+            notes.append(pruned + (" (u undoes the prune)" if view.can_undo_prune else ""))
+        return notes
 
     def _draw_pane_bar(self) -> None:
         parts = [f"[reverse b] {title} [/]" if name == self.active_pane else f" {title} " for name, title in PANES.items()]
@@ -309,6 +371,7 @@ class KvtraceApp(App[None]):
         self.generating = True
         self._run_steps = 0
         self.timeline.follow = True
+        self.chat.clear_notes()
         self.status_bar.set(activity="generating")
 
     def _when_idle(self, then: Callable[[], None]) -> None:
@@ -371,16 +434,43 @@ class KvtraceApp(App[None]):
     def action_focus_input(self) -> None:
         self.query_one("#prompt", Input).focus()
 
-    def action_leave(self) -> None:
-        """q: quit, but only from the main screen (in a dialog q is a letter; ctrl+q always quits)."""
-        self.exit()
-
     def action_help(self) -> None:
         self.push_screen(HelpScreen(actions.help_rows()))
+
+    # -- quitting -------------------------------------------------------------------------------
+    def action_leave(self) -> None:
+        """q: quit from the main screen (in a dialog q is a letter); asks first when something would be lost."""
+        self._quit_or_ask()
+
+    async def action_quit(self) -> None:
+        """ctrl+q: as q, from anywhere; a second ctrl+q in the question quits."""
+        if isinstance(self.screen, QuitScreen):
+            self.exit()
+        else:
+            self._quit_or_ask()
+
+    def _quit_or_ask(self) -> None:
+        reasons = quit_reasons(self.view, generating=self.generating, task=TASKS.get(self.activity))
+        if not reasons:
+            self.exit()
+            return
+        can_save = bool(self.view and self.view.unsaved) and not self.busy
+        self.push_screen(QuitScreen(reasons, can_save=can_save), self._quit_answered)
+
+    def _quit_answered(self, answer: str | None) -> None:
+        if answer == QUIT:
+            self.exit()
+        elif answer == SAVE_FIRST:
+            self.quit_after_save = True
+            self._when_idle(self._open_save)
 
     # -- branches -------------------------------------------------------------------------------
     def action_branch(self) -> None:
         self._when_idle(self._branch)
+
+    @on(TopKPane.BranchRequested)
+    def _on_branch_requested(self) -> None:
+        self.action_branch()
 
     def _branch(self) -> None:
         index = self.timeline.selected
@@ -391,35 +481,52 @@ class KvtraceApp(App[None]):
         if candidate.token_id == self.timeline.selected_record.token_id:
             self.notify("That is the token already chosen: pick another candidate with ↑ ↓.", severity="warning")
             return
-        self.notify(f"Branching at token #{index} with {candidate.text!r}; B goes back to the previous branch.")
+        number = 1 + max([self.view.line, *(line.number for line in self.view.branches)])
+        self.notify(f"Branching at token #{index} with {candidate.text!r}: this is line {number}; B goes back to "
+                    f"line {self.view.line}.")
         self._begin_run(self.runner.branch(index, candidate.token_id))
 
     def action_switch_branch(self) -> None:
-        if self.view is not None and not self.view.branch_labels:
-            self.notify("There is no other branch yet: b makes one.", severity="warning")
+        if self.view is not None and not self.view.branches:
+            self.notify("There is no other line yet: b makes one.", severity="warning")
             return
-        self._switch_branch(len(self.view.branch_labels) - 1)
+        self._switch_branch(len(self.view.branches) - 1)
 
     def _switch_branch(self, i: int) -> None:
         self._when_idle(lambda: self._start_task("switching", partial(self.runner.switch_branch, i)))
 
-    # -- snapshots, pruning, export --------------------------------------------------------------
+    # -- snapshots, pruning, export, copy --------------------------------------------------------
     def _start_task(self, activity: str, start: Callable[[], None]) -> None:
         self.busy = True
+        self.activity = activity
         self.status_bar.set(activity=activity)
         start()
 
+    def _save_summary(self) -> str:
+        view = self.view
+        return f"{view.context_tokens} tokens, KV cache {byte_count(view.kv_bytes)}, {view.model}"
+
     def action_save(self) -> None:
+        self.quit_after_save = False
         self._when_idle(self._open_save)
 
     def _open_save(self) -> None:
-        view = self.view
-        summary = f"{view.context_tokens} tokens, KV cache {byte_count(view.kv_bytes)}, {view.model}"
-        self.push_screen(SaveScreen(summary), self._save_chosen)
+        if self._has_turn():
+            self.push_screen(SaveScreen(self._save_summary()), self._save_chosen)
+
+    def _reopen_save(self, error: str) -> None:
+        """The save failed: the dialog again, on the same path, with the reason."""
+        request = self._last_save
+        assert request is not None
+        self.push_screen(SaveScreen(self._save_summary(), path=request.path, codec=request.codec, error=error),
+                         self._save_chosen)
 
     def _save_chosen(self, request: SaveRequest | None) -> None:
-        if request is not None:
-            self._start_task("saving", partial(self.runner.save, request.path, request.codec))
+        if request is None:
+            self.quit_after_save = False
+            return
+        self._last_save = request
+        self._start_task("saving", partial(self.runner.save, request.path, request.codec))
 
     def action_load(self) -> None:
         self._when_idle(lambda: self.push_screen(LoadScreen(self.view.fingerprint), self._load_chosen))
@@ -444,15 +551,39 @@ class KvtraceApp(App[None]):
         self._when_idle(self._open_prune)
 
     def _open_prune(self) -> None:
-        if not self._has_turn():
-            return
-        view = self.view
-        self.push_screen(PruneScreen(view.positions, view.kv_bytes, view.context_tokens), self._prune_chosen)
+        if self._has_turn():
+            self.push_screen(PruneScreen(self.view), self._prune_chosen)
 
     def _prune_chosen(self, spec: PruneSpec | None) -> None:
         if spec is not None:
             self._start_task("pruning", partial(self.runner.prune, spec))
 
+    def action_undo_prune(self) -> None:
+        if self.view is not None and not self.view.can_undo_prune:
+            self.notify("There is no prune to undo (a prune can be undone until the next turn).",
+                        severity="warning")
+            return
+        self._when_idle(lambda: self._start_task("undoing", self.runner.undo_prune))
+
     def action_export(self) -> None:
+        if not self._has_turn():
+            return
         path = datetime.now().strftime("kvtrace-trace-%Y%m%d-%H%M%S.jsonl")
         self._when_idle(lambda: self._start_task("exporting", partial(self.runner.export, path)))
+
+    def action_copy(self, what: str) -> None:
+        record = self.timeline.selected_record
+        if what == "token":
+            if record is None:
+                self.notify("Select a generated token first (← →).", severity="warning")
+                return
+            text, name = token_details(record, self._token_text), f"token #{record.index}'s details"
+        elif what == "reply":
+            if not self._live_reply.strip():
+                self.notify("There is no reply yet.", severity="warning")
+                return
+            text, name = self._live_reply + "\n", "the reply"
+        else:
+            text, name = chat_text(*self._conversation()), "the chat"
+        message, failed = copy(self, text, name)
+        self.notify(message, severity="error" if failed else "information", timeout=8)

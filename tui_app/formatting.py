@@ -25,6 +25,16 @@ def bar(fraction: float, width: int) -> str:
     return ("█" * full + ("" if rest == 0 else " ▏▎▍▌▋▊▉"[rest])).ljust(width)
 
 
+def loading_text(stage: str, elapsed: float | None, expected: float | None, width: int = 24) -> str:
+    """A loading stage; for timed work a bar of the time spent against the time it should take."""
+    if elapsed is None or not expected:
+        return f"Loading: {stage}"
+    left = expected - elapsed
+    estimate = f"about {round(left)} s left" if left >= 1 else f"taking longer than the usual {round(expected)} s"
+    return (f"Loading: {stage}\n{bar(min(elapsed / expected, 0.99), width).replace(' ', '·')} "
+            f"{round(elapsed)} s · {estimate}")
+
+
 def age(saved: float, now: float) -> str:
     """How long ago ``saved`` was (Unix seconds): ``12 s``, ``5 min``, ``3 h``, ``2 d``; ``?`` when unknown."""
     if saved <= 0:

@@ -15,6 +15,9 @@ class RunnerEvent(Message):
         self.event = event
 
     def can_replace(self, message: Message) -> bool:
-        """A loading stage not yet shown is superseded by the next one."""
+        """This loading stage, not yet shown, gives way to the next one ``message`` (unless it starts timed work).
+
+        Textual asks the message at the head of the queue whether the one after it supersedes it.
+        """
         return (isinstance(message, RunnerEvent) and isinstance(self.event, events.Progress)
-                and isinstance(message.event, events.Progress))
+                and self.event.expected is None and isinstance(message.event, events.Progress))

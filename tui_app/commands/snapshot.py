@@ -43,8 +43,8 @@ def _save(args: argparse.Namespace) -> int:
             session.generate(args.steps)
         return usecases.save(session, args.output, args.codec, args.label), session.reply_text()
 
-    saved, reply = runner.call(save).result()
-    runner.close()
+    with runner:
+        saved, reply = runner.call(save).result()
     say(saved.describe())
     if args.steps:
         print(reply)
@@ -79,8 +79,8 @@ def _resume(args: argparse.Namespace) -> int:
         print(session.reply_text())
         return message
 
-    say(runner.call(go_on).result())
-    runner.close()
+    with runner:
+        say(runner.call(go_on).result())
     return 0
 
 

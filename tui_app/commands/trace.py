@@ -36,8 +36,8 @@ def run_dump(args: argparse.Namespace) -> int:
             writer.end()
             return list(session.notices)
 
-        notices = runner.call(trace).result()
-        runner.close()
+        with runner:
+            notices = runner.call(trace).result()
     for notice in notices:
         say(f"note: {notice}")
     return 0
@@ -66,7 +66,7 @@ def run_print(args: argparse.Namespace) -> int:
                 f"Generating… {r.index + 1} tokens: {session.reply_text()[-60:]!r}"))
         return trace_view(session, prompt, console.width)
 
-    view = runner.call(trace).result()
-    runner.close()
+    with runner:
+        view = runner.call(trace).result()
     console.print(view)
     return 0

@@ -12,9 +12,12 @@ from textual.widgets import Label, Static
 
 INTRO = (
     "\nType a message in the input box and press Enter: the reply streams in and every generated token "
-    "appears in the token timeline. Tab moves the focus between the input, the timeline and the panes; "
-    "letter keys act when the input box does not have the focus (i goes back to it).\n"
-    "Timeline tints: green p≥0.9, cyan ≥0.6, yellow ≥0.3, magenta ≥0.1, red below; italic = forced by a branch."
+    "appears in the token timeline. Tab moves the focus between the input, the timeline and the chat; "
+    "letter keys act when the input box does not have the focus (i goes back to it), F1 and ctrl+q work "
+    "everywhere. The arrow keys always move the selection and the ▶ candidate; the mouse selects too (a "
+    "double click on a candidate branches) and its wheel scrolls any pane.\n"
+    "Timeline tints: green p≥0.9, cyan ≥0.6, yellow ≥0.3, magenta ≥0.1, red below; italic = forced by a "
+    "branch; struck through = pruned from the cache; each turn starts after 'turn N ▸'."
 )
 
 

@@ -64,6 +64,8 @@ class LoadScreen(FormScreen[str | None]):
 
     def on_mount(self) -> None:
         self.query_one("#path", Input).focus()
+        tree = self.query_one(SnapshotTree)
+        tree.root.set_label(f"{tree.path}/")  # where the tree starts, in full
 
     def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
         event.stop()

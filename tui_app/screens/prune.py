@@ -1,21 +1,28 @@
-"""The prune dialog (ctrl+p or p): a method and a budget, with the effect previewed.
+"""The prune dialog (ctrl+p or p): a method and a budget, what they drop shown before anything is dropped.
 
 The dialog builds a ``kvstore.pruning.PruneSpec``, the same object the command
-line builds; the preview counts what that spec keeps of the cached positions
-(the runner's summary, not a copy of the cache), with the same rule that
-prunes.
+line builds, and previews its ``select`` over the runner's summary of the cache
+(positions and the attention each entry received; no copy of the cache): the
+positions dropped, and the transcript with those stretches struck through.
+Nothing is pruned until the button that names the count is pressed: Enter in
+a field only moves to that button. The app keeps the state before the prune
+(``u`` undoes it until the next turn).
 """
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
-from textual.widgets import Input, Label, Select
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, Input, Label, Select, Static
 
 from kvstore.errors import PruneError
 from kvstore.pruning import METHODS, PruneSpec
+from tracer.events import SessionView
 from tui_app.formatting import byte_count
 from tui_app.screens.form import FormScreen
+from tui_app.snapshot_info import ranges
+from tui_app.transcript import marked, stretches
 
 DROP_SPAN = "drop_span"
 CHOICES = [(f"{name}: {text}", name) for name, text in METHODS.items()]
@@ -24,19 +31,18 @@ CHOICES.append(("drop a span of positions START END (e.g. one chat turn)", DROP_
 
 class PruneScreen(FormScreen[PruneSpec | None]):
 
-    def __init__(self, positions: tuple[int, ...], nbytes: int, tokens: int) -> None:
+    def __init__(self, view: SessionView) -> None:
         super().__init__()
-        self.positions = positions
-        self.nbytes = nbytes
-        self.tokens = tokens
+        self.view = view
+        self.dropping: list[int] = []  # positions the current settings drop
 
     def compose(self) -> ComposeResult:
-        n = len(self.positions)
+        view = self.view
+        n = len(view.positions)
         with Vertical(id="dialog"):
             yield Label("Prune the KV cache", classes="title")
-            yield Label(f"Now: {n} cache entries of {self.tokens} tokens, {byte_count(self.nbytes)}. Positions "
-                        "are kept: generation continues at the true next one.", classes="muted")
-            yield Label("Method")
+            yield Label(f"Now: {n} cache entries of {view.context_tokens} tokens, {byte_count(view.kv_bytes)}. "
+                        "Positions are kept: generation continues at the true next one.", classes="muted")
             yield Select(CHOICES, value="sinks_recent", allow_blank=False, id="method")
             with Horizontal(classes="fields"):
                 with Vertical():
@@ -49,7 +55,11 @@ class PruneScreen(FormScreen[PruneSpec | None]):
                     yield Label("Span START END")
                     yield Input(placeholder="e.g. 10 40", id="span")
             yield Label("", id="preview")
-            yield self.buttons("Prune")
+            with VerticalScroll(id="transcript-scroll"):
+                yield Static("", id="transcript")
+            with Horizontal(classes="buttons"):
+                yield Button("Prune", variant="error", id="submit")
+                yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:
         self.query_one("#budget", Input).focus()
@@ -74,16 +84,34 @@ class PruneScreen(FormScreen[PruneSpec | None]):
         return PruneSpec(method, budget=budget, sinks=sinks)
 
     def _preview(self) -> None:
+        view = self.view
         label = self.query_one("#preview", Label)
+        button = self.query_one("#submit", Button)
         try:
             spec = self.spec()
-            kept = len(spec.select(self.positions, self.tokens - 1, scores=[0.0] * len(self.positions)))
+            kept = spec.select(view.positions, view.next_position, view.attention_scores)
         except PruneError as error:
-            label.update(str(error)[:1].upper() + str(error)[1:] + ".")
+            self.dropping = []
+            label.update(Text(str(error)[:1].upper() + str(error)[1:] + ".", style="bold red"))
+            button.label, button.disabled = "Prune", True
+            self._show_transcript()
             return
-        per_entry = self.nbytes / len(self.positions) if self.positions else 0
-        label.update(f"After: {kept} cache entries, about {byte_count(round(per_entry * kept))}; "
-                     f"tokens stay {self.tokens} (dropped entries are no longer attended to)")
+        kept_set = set(kept)
+        self.dropping = [p for i, p in enumerate(view.positions) if i not in kept_set]
+        per_entry = view.kv_bytes / len(view.positions) if view.positions else 0
+        if self.dropping:
+            label.update(f"Drops {len(self.dropping)} entries (positions {ranges(self.dropping)}, struck through "
+                         f"below). After: {len(kept)} entries, about {byte_count(round(per_entry * len(kept)))}; "
+                         f"the transcript keeps its {view.context_tokens} tokens.")
+        else:
+            label.update("These settings keep every cache entry: nothing to drop.")
+        button.label = f"Drop {len(self.dropping)} entries" if self.dropping else "Prune"
+        button.disabled = not self.dropping
+        self._show_transcript()
+
+    def _show_transcript(self) -> None:
+        runs = stretches(self.view.context_tokens, set(self.view.positions), set(self.dropping))
+        self.query_one("#transcript", Static).update(marked(self.view.token_texts, runs))
 
     def on_input_changed(self) -> None:
         self._preview()
@@ -91,10 +119,22 @@ class PruneScreen(FormScreen[PruneSpec | None]):
     def on_select_changed(self) -> None:
         self._preview()
 
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        """Enter in a field goes to the button: pruning is confirmed there, never by Enter in a field."""
+        event.stop()
+        event.prevent_default()  # not the form's own handler, which submits
+        button = self.query_one("#submit", Button)
+        if button.disabled:
+            self.notify("These settings drop nothing or are incomplete: see the line above the transcript.",
+                        severity="warning")
+            return
+        button.focus()
+
     def _submit(self) -> None:
         try:
             spec = self.spec()
         except PruneError as error:
             self.notify(f"The prune settings are incomplete: {error}.", severity="warning")
             return
-        self.dismiss(spec)
+        if self.dropping:
+            self.dismiss(spec)

@@ -29,6 +29,9 @@ def strongest(record: StepRecord, layer: int | None, limit: int) -> list[tuple[i
     return [(int(p), float(w)) for p, w in pairs[:limit]]
 
 
+PLACEHOLDER = "Select a generated token to see what it attended to."
+
+
 class AttentionPane(Static):
     DEFAULT_CSS = """
     AttentionPane { height: 1fr; }
@@ -36,7 +39,7 @@ class AttentionPane(Static):
 
     def __init__(self, token_text: Callable[[int], str] | None = None, *, id: str | None = None,
                  classes: str | None = None) -> None:
-        super().__init__("Select a generated token to see what it attended to.", id=id, classes=classes)
+        super().__init__(PLACEHOLDER, id=id, classes=classes)
         self.token_text = token_text or (lambda position: "?")
         self.record: StepRecord | None = None
         self.shown_layer: int | None = None  # None: the mean over layers
@@ -74,6 +77,8 @@ class AttentionPane(Static):
     def _draw(self) -> None:
         record = self.record
         if record is None:
+            self.border_title = "Attention"
+            self.update(PLACEHOLDER)
             return
         if self.shown_layer is not None and self.shown_layer >= self.num_layers:
             self.shown_layer = None if self.num_layers == 0 else self.num_layers - 1

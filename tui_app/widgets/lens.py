@@ -1,77 +1,88 @@
 """The logit-lens table: what each layer would have predicted at the selected step.
 
 One row per layer; ``◆`` marks the first layer from which the final choice
-stays on top through the last layer. Filled lazily (the app computes the lens
-in a worker when a token is selected and the session caches it).
+stays on top through the last layer. When the pane is shorter than the model
+is deep, it shows as many layers as fit, spread over the depth, always with
+the first and last layers and the settling layer and the one before it, so
+where the model made up its mind is always on screen. Filled lazily (the app
+computes the lens in the runner when a token is selected and the session
+caches it).
 """
 
 from __future__ import annotations
 
 from rich.table import Table
 from rich.text import Text
-from textual.binding import Binding
-from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from tracer.lens import settling_layer
 from tracer.records import LensLayer, StepRecord
 from tracer.token_text import visible
 
+PLACEHOLDER = "Select a generated token to see the per-layer lens."
 
-def settling_layer(layers: list[LensLayer], token_id: int) -> int | None:
-    """The first layer from which ``token_id`` is top-1 in every later layer (None: never)."""
-    settled = None
-    for layer in reversed(layers):
-        if not layer.top or layer.top[0].token_id != token_id:
+
+def rows_to_show(count: int, room: int, settle: int | None) -> list[int]:
+    """Which of ``count`` rows to show in ``room`` lines: all if they fit; else the last, the settling row
+    and the one before it, the first, and the rest spread evenly over the depth."""
+    if count <= room:
+        return list(range(count))
+    room = max(room, 1)
+    must = [count - 1, *([settle, settle - 1] if settle is not None else []), 0]
+    spread = [round(k * (count - 1) / (room - 1)) for k in range(room)] if room > 1 else []
+    chosen: list[int] = []
+    for row in [*must, *spread, *range(count)]:
+        if len(chosen) == room:
             break
-        settled = layer.layer
-    return settled
+        if 0 <= row < count and row not in chosen:
+            chosen.append(row)
+    return sorted(chosen)
 
 
-class LensPane(VerticalScroll, inherit_bindings=False):
-    """Scrolls with up/down/page keys only, so left/right still move the token selection."""
-
-    BINDINGS = [
-        Binding("up", "scroll_up", "Scroll up", show=False),
-        Binding("down", "scroll_down", "Scroll down", show=False),
-        Binding("pageup", "page_up", "Page up", show=False),
-        Binding("pagedown", "page_down", "Page down", show=False),
-    ]
+class LensPane(Static):
     DEFAULT_CSS = """
     LensPane { height: 1fr; }
-    LensPane > Static { width: 1fr; height: auto; }
     """
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
-        super().__init__(id=id, classes=classes)
-        self.body = Static("Select a generated token to see the per-layer lens.")
+        super().__init__(PLACEHOLDER, id=id, classes=classes)
         self.record: StepRecord | None = None
+        self.lens_layers: list[LensLayer] | None = None
         self.border_title = "Lens"
 
-    def compose(self):
-        yield self.body
-
     def show_pending(self, record: StepRecord | None, waiting: str) -> None:
-        self.record = record
-        if record is not None:
-            self.border_title = f"Lens · #{record.index}"
-        self.body.update(waiting)
+        self.record, self.lens_layers = record, None
+        self.border_title = "Lens" if record is None else f"Lens · #{record.index}"
+        self.update(waiting)
 
     def show(self, record: StepRecord, layers: list[LensLayer]) -> None:
-        self.record = record
+        self.record, self.lens_layers = record, layers
+        self._draw()
+
+    def on_resize(self) -> None:
+        if self.lens_layers is not None:
+            self._draw()
+
+    def _draw(self) -> None:
+        record, layers = self.record, [layer for layer in self.lens_layers or [] if layer.top]
+        assert record is not None
         if not layers:
             self.border_title = f"Lens · #{record.index}"
-            self.body.update("No logit lens for this model: its final norm or output head was not found.")
+            self.update("No logit lens for this model: its final norm or output head was not found.")
             return
         settle = settling_layer(layers, record.token_id)
-        self.border_title = f"Lens · #{record.index}" + (f" · settles at layer {settle}" if settle is not None else "")
+        settle_row = next((i for i, layer in enumerate(layers) if layer.layer == settle), None)
+        shown = rows_to_show(len(layers), max(self.content_region.height - 1, 3), settle_row)
+        count = "" if len(shown) == len(layers) else f" · {len(shown)} of {len(layers)} layers"
+        self.border_title = (f"Lens · #{record.index}" + (f" · settles at layer {settle}" if settle is not None else "")
+                             + count)
         table = Table(box=None, padding=(0, 1), expand=True, show_edge=False, header_style="bold")
         table.add_column("L", justify="right", no_wrap=True)
         table.add_column("top-1", ratio=2, no_wrap=True, overflow="ellipsis")
         table.add_column("p", justify="right", no_wrap=True)
         table.add_column("next", ratio=3, no_wrap=True, overflow="ellipsis")
-        for layer in layers:
-            if not layer.top:
-                continue
+        for row in shown:
+            layer = layers[row]
             best = layer.top[0]
             mark = "◆" if layer.layer == settle else " "
             chosen = best.token_id == record.token_id
@@ -80,4 +91,4 @@ class LensPane(VerticalScroll, inherit_bindings=False):
             table.add_row(Text(f"{mark}{layer.layer}", style="bold" if mark != " " else "dim"),
                           Text(visible(best.text), style=style), Text(f"{best.prob:.3f}", style=style),
                           Text(rest, style="dim"))
-        self.body.update(table)
+        self.update(table)

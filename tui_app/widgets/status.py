@@ -1,7 +1,7 @@
 """The status bar: model, device, dtype, context use, KV size, speed, and what the app is doing.
 
-The figures and the activity always show; the model name gives way (with an
-ellipsis) when the terminal is narrow.
+The figures (once a model is loaded) and the activity always show; the model
+name gives way (with an ellipsis) when the terminal is narrow.
 """
 
 from __future__ import annotations
@@ -56,14 +56,19 @@ class StatusBar(Static):
         wide = width >= 120
         dtype = s.dtype if wide else SHORT_DTYPES.get(s.dtype, s.dtype)
         kv = byte_count(s.kv_bytes) if wide else short_bytes(s.kv_bytes)
-        figures = Text.assemble(
-            (" │ ctx ", "dim"), f"{s.context_tokens}/{s.context_limit}",
-            (" │ KV ", "dim"), kv,
-            (" │ ", "dim"), f"{speed} tok/s",
-            (" │ ", "dim"), (f"● {s.activity}", ACTIVITY_STYLES.get(s.activity, "bold")),
-            *([(" │ ", "dim"), (s.autosave if wide else SHORT_AUTOSAVE.get(s.autosave, s.autosave),
-                                 "bold red" if s.autosave.endswith("failed") else "dim")] if s.autosave else []),
-        )
+        activity = ((" │ ", "dim"), (f"● {s.activity}", ACTIVITY_STYLES.get(s.activity, "bold")))
+        if s.autosave:
+            activity += ((" │ ", "dim"), (s.autosave if wide else SHORT_AUTOSAVE.get(s.autosave, s.autosave),
+                                          "bold red" if s.autosave.endswith("failed") else "dim"))
+        if not s.context_limit:  # no model yet: no figures to show
+            figures = Text.assemble(*activity)
+        else:
+            figures = Text.assemble(
+                (" │ ctx ", "dim"), f"{s.context_tokens}/{s.context_limit}",
+                (" │ KV ", "dim"), kv,
+                (" │ ", "dim"), f"{speed} tok/s",
+                *activity,
+            )
         place = f" {s.device} {dtype}".rstrip()
         room = max(width - 2 - figures.cell_len - cell_len(place), 4)
         model = s.model if cell_len(s.model) <= room else s.model[: room - 1] + "…"
