@@ -33,6 +33,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/trace_overhead.py
 	$(BIN)/python bench/snapshot.py
+	$(BIN)/python bench/store.py
 	$(BIN)/python bench/ui_latency.py
 
 screenshot: $(STAMP)

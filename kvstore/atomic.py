@@ -60,7 +60,7 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     except BaseException:
         _discard(temp)
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def output_target(path: str | os.PathLike[str]) -> Path:
@@ -140,10 +140,10 @@ def _mode_for(target: Path) -> int:
     try:
         return target.stat().st_mode & 0o7777
     except FileNotFoundError:
-        return 0o666 & ~_umask()
+        return 0o666 & ~umask()
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask, read without changing it where the platform allows (threads may be running)."""
     try:
         with open("/proc/self/status") as status:
@@ -157,7 +157,7 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # some platforms cannot open folders; the rename is still atomic

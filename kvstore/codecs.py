@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kvstore.compression import ZSTD_LEVEL, shuffle, unshuffle, unshuffle_into
+from kvstore.compression import ZSTD_LEVEL, shuffle, shuffle_planes, unshuffle, unshuffle_into
 from kvstore.errors import SnapshotError
 from kvstore.format import CODEC_NAMES
 
@@ -80,10 +80,12 @@ class CastCodec:
 
     def encode(self, x: torch.Tensor, role: str) -> list[torch.Tensor]:
         stored = x if self.store is None else x.to(self.store)
-        return [shuffle(stored) if self.shuffled else stored.contiguous().reshape(-1).view(torch.uint8)]
+        return shuffle_planes(stored) if self.shuffled else [stored.contiguous().reshape(-1).view(torch.uint8)]
 
     def decode_into(self, data: torch.Tensor, out: torch.Tensor, role: str) -> None:
-        if self.store is None:
+        if self.direct:
+            out.view(torch.uint8).copy_(data.view(*out.shape[:-1], -1))
+        elif self.store is None:
             unshuffle_into(data, out)
         else:
             out.copy_(unshuffle(data, self.store, tuple(out.shape)))

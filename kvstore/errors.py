@@ -16,6 +16,14 @@ class SnapshotError(Exception):
     """A snapshot that cannot be read, written or used: missing, corrupt, unsafe or mismatched."""
 
 
+class CorruptError(SnapshotError):
+    """A file whose bytes are damaged or crafted; ``reason`` names the defect without saying whose file it is."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class FingerprintMismatch(SnapshotError):
     """A snapshot made by another model than the one it is being loaded into."""
 

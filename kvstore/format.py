@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import resource
 import struct
+from dataclasses import dataclass
 
 MAGIC = b"\x89KVS\r\n\x1a\n"  # PNG-style: catches text-mode and truncation damage
 END_MARKER = b"KVS-END\n"
@@ -38,6 +39,24 @@ CODECS: dict[str, str] = {
 }
 CODEC_NAMES = tuple(CODECS)
 DEFAULT_CODEC = "lossless"
+
+
+
+@dataclass(frozen=True)
+class Framing:
+    """What tells one kind of kvtrace file from another: its magic, readable versions and end marker.
+
+    ``.kvs`` snapshots and the store's files share the preamble, header checksum
+    and record layout (and the reader that checks them); only these differ.
+    """
+
+    magic: bytes  # 8 bytes
+    versions: tuple[int, ...]
+    end: bytes  # 8 bytes
+    what: str  # how messages name the kind: "kvtrace snapshot"
+
+
+SNAPSHOT = Framing(MAGIC, READABLE_VERSIONS, END_MARKER, "kvtrace snapshot")
 
 PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header length
 CHECKSUM = struct.Struct("<I")  # CRC-32 (zlib.crc32)

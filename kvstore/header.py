@@ -142,7 +142,7 @@ def encode_header(state: KVState, codec: Codec) -> bytes:
     if len(data) > fmt.MAX_HEADER_BYTES:
         raise SnapshotError("cannot save the snapshot: its header exceeds the format's size limit")
     try:
-        _parse(_unpack(data), fmt.FORMAT_VERSION)
+        _parse(unpack_document(data), fmt.FORMAT_VERSION)
     except HeaderDefect as defect:
         raise SnapshotError(f"cannot save this kv state: {defect}") from None
     return data
@@ -151,12 +151,13 @@ def encode_header(state: KVState, codec: Codec) -> bytes:
 def decode_header(data: bytes, version: int) -> Header:
     """Validate and parse header bytes of format ``version``; ``SnapshotError`` naming the first defect."""
     try:
-        return _parse(_unpack(data), version)
+        return _parse(unpack_document(data), version)
     except HeaderDefect as defect:
         raise corrupt(str(defect)) from None
 
 
-def _unpack(data: bytes) -> Any:
+def unpack_document(data: bytes) -> Any:
+    """Hostile msgpack bytes as plain Python values: bounded sizes and nesting, no extension types."""
     try:
         doc = msgpack.unpackb(
             data,
@@ -180,20 +181,20 @@ def _unpack(data: bytes) -> Any:
 def _parse(doc: Any, version: int) -> Header:
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
         raise HeaderDefect("the header is not a kvtrace snapshot header")
-    fingerprint = _fingerprint(_field(doc, "fingerprint", dict))
-    codec_name = _field(doc, "codec", str)
+    fingerprint = _fingerprint(field_of(doc, "fingerprint", dict))
+    codec_name = field_of(doc, "codec", str)
     if codec_name not in CODEC_NAMES:
         raise HeaderDefect(f"unknown codec {codec_name!r}")
     try:
-        codec = make_codec(codec_name, _field(doc, "codec_params", dict))
+        codec = make_codec(codec_name, field_of(doc, "codec_params", dict))
     except ValueError as error:
         raise HeaderDefect(str(error)) from None
-    dtype_name = _field(doc, "dtype", str)
+    dtype_name = field_of(doc, "dtype", str)
     if dtype_name not in DTYPES:
         raise HeaderDefect(f"unsupported dtype {dtype_name!r}")
 
-    token_ids = _unpack_array(_field(doc, "token_ids", bytes), "<u4", "token_ids")
-    positions = _unpack_array(_field(doc, "positions", bytes), "<u4", "positions")
+    token_ids = _unpack_array(field_of(doc, "token_ids", bytes), "<u4", "token_ids")
+    positions = _unpack_array(field_of(doc, "positions", bytes), "<u4", "positions")
     if not 1 <= len(token_ids) <= fmt.MAX_TOKENS:
         raise HeaderDefect(f"the token count {len(token_ids)} is outside 1..{fmt.MAX_TOKENS}")
     if int(token_ids.max()) >= fingerprint.vocab_size:
@@ -203,16 +204,16 @@ def _parse(doc: Any, version: int) -> Header:
         raise HeaderDefect("the cached positions are not increasing or lie past the pending token")
     scores = doc.get("attention_scores")
     if scores is not None:
-        scores = _unpack_array(_field(doc, "attention_scores", bytes), "<f4", "attention_scores")
+        scores = _unpack_array(field_of(doc, "attention_scores", bytes), "<f4", "attention_scores")
         if len(scores) != len(positions):
             raise HeaderDefect("attention_scores does not have one entry per cached position")
 
     layers = _layers(doc, version, len(positions))
     _check_layers(layers, fingerprint, len(positions))
     trace_bytes = doc.get("trace_bytes") if version >= 2 else None
-    if trace_bytes is not None and not (_is_int(trace_bytes) and 0 <= trace_bytes <= fmt.MAX_TRACE_BYTES):
+    if trace_bytes is not None and not (is_int(trace_bytes) and 0 <= trace_bytes <= fmt.MAX_TRACE_BYTES):
         raise HeaderDefect(f"the trace size {trace_bytes!r} is not an integer in 0..{fmt.MAX_TRACE_BYTES}")
-    created = sane_time(_field(doc, "created", (int, float)))
+    created = sane_time(field_of(doc, "created", (int, float)))
     return Header(
         version=version,
         fingerprint=fingerprint,
@@ -222,8 +223,8 @@ def _parse(doc: Any, version: int) -> Header:
         token_ids=token_ids.tolist(),
         positions=positions.tolist(),
         attention_scores=None if scores is None else scores.tolist(),
-        metadata=sanitize(_field(doc, "metadata", dict), len(token_ids)),
-        label=_field(doc, "label", str),
+        metadata=sanitize(field_of(doc, "metadata", dict), len(token_ids)),
+        label=field_of(doc, "label", str),
         created=0.0 if created is None else created,
         trace_bytes=trace_bytes,
     )
@@ -231,10 +232,10 @@ def _parse(doc: Any, version: int) -> Header:
 
 def _layers(doc: dict[str, Any], version: int, seq: int) -> list[LayerSpec]:
     if version == 1:
-        shapes = _field(doc, "layer_shapes", list)
+        shapes = field_of(doc, "layer_shapes", list)
         _check_layer_count(len(shapes))
         return [_v1_layer(s, seq) for s in shapes]
-    entries = _field(doc, "layers", list)
+    entries = field_of(doc, "layers", list)
     _check_layer_count(len(entries))
     return [_v2_layer(e) for e in entries]
 
@@ -245,7 +246,7 @@ def _check_layer_count(count: int) -> None:
 
 
 def _v1_layer(value: Any, seq: int) -> LayerSpec:
-    if not (isinstance(value, list) and len(value) == 4 and all(_is_int(v) for v in value)):
+    if not (isinstance(value, list) and len(value) == 4 and all(is_int(v) for v in value)):
         raise HeaderDefect("a layer shape is not four integers")
     kh, kd, vh, vd = value
     return LayerSpec((kh, kd), (vh, vd), seq, False, False)
@@ -255,10 +256,10 @@ def _v2_layer(value: Any) -> LayerSpec:
     if not (isinstance(value, dict) and set(value) == LAYER_FIELDS):
         raise HeaderDefect(f"a layer entry does not have exactly the fields {', '.join(sorted(LAYER_FIELDS))}")
     pairs = [value["key"], value["value"]]
-    if not all(isinstance(p, list) and len(p) == 2 and all(_is_int(v) for v in p) for p in pairs):
+    if not all(isinstance(p, list) and len(p) == 2 and all(is_int(v) for v in p) for p in pairs):
         raise HeaderDefect("a layer's key or value shape is not two integers")
     flags = (value["head_positions"], value["head_scores"])
-    if not _is_int(value["entries"]) or not all(isinstance(f, bool) for f in flags):
+    if not is_int(value["entries"]) or not all(isinstance(f, bool) for f in flags):
         raise HeaderDefect("a layer's entry count or flags have the wrong type")
     return LayerSpec(tuple(pairs[0]), tuple(pairs[1]), value["entries"], *flags)
 
@@ -288,7 +289,7 @@ def _fingerprint(data: dict[str, Any]) -> ModelFingerprint:
     types = {"model_id": str, "architecture": str, "num_layers": int, "num_kv_heads": int,
              "head_dim": int, "dtype": str, "vocab_size": int, "rope": dict, "tokenizer_hash": str}
     for name, kind in types.items():
-        _field(data, name, kind)
+        field_of(data, name, kind)
     for name, limit in (("num_layers", fmt.MAX_LAYERS), ("num_kv_heads", fmt.MAX_HEADS),
                         ("head_dim", fmt.MAX_HEAD_DIM), ("vocab_size", fmt.MAX_VOCAB)):
         if not 1 <= data[name] <= limit:
@@ -300,12 +301,13 @@ def _fingerprint(data: dict[str, Any]) -> ModelFingerprint:
                                        and all(isinstance(t, str) for t in types_list)):
         raise HeaderDefect("the fingerprint's layer_types is not one string per layer")
     window = data.get("sliding_window")
-    if window is not None and not (_is_int(window) and 1 <= window <= fmt.MAX_VOCAB):
+    if window is not None and not (is_int(window) and 1 <= window <= fmt.MAX_VOCAB):
         raise HeaderDefect(f"the fingerprint's sliding_window {window!r} is not a positive integer")
     return ModelFingerprint.from_dict({k: v for k, v in data.items() if isinstance(k, str)})
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -328,7 +330,8 @@ def _check_plain(doc: Any) -> None:
             raise HeaderDefect(f"the header holds a value of type {type(value).__name__}")
 
 
-def _field(doc: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+def field_of(doc: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    """``doc[name]``, which must exist and be of ``kind`` (a bool is not an int); ``HeaderDefect`` if not."""
     if name not in doc:
         raise HeaderDefect(f"the header lacks {name!r}")
     value = doc[name]

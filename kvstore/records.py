@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from kvstore import format as fmt
 from kvstore.compression import READ_SIZE, FrameError, decompress_into
-from kvstore.errors import SnapshotError
+from kvstore.errors import CorruptError, SnapshotError
 from kvstore.safe_io import pread_exact
 
 
@@ -42,13 +42,20 @@ class Record:
     crc: int
 
 
-def corrupt(reason: str) -> SnapshotError:
-    return SnapshotError(f"the snapshot is corrupt: {reason}")
+class Digest(Protocol):
+    """A running hash (``hashlib``'s objects): what ``PayloadStream`` feeds besides its CRC."""
+
+    def update(self, data: bytes, /) -> None: ...
 
 
-def write_header(out: BinaryIO, header: bytes) -> int:
+def corrupt(reason: str) -> CorruptError:
+    return CorruptError(f"the snapshot is corrupt: {reason}", reason)
+
+
+def write_header(out: BinaryIO, header: bytes, framing: fmt.Framing = fmt.SNAPSHOT,
+                 version: int = fmt.FORMAT_VERSION) -> int:
     """Preamble, header and header checksum; returns the bytes written."""
-    preamble = fmt.PREAMBLE.pack(fmt.MAGIC, fmt.FORMAT_VERSION, 0, len(header))
+    preamble = fmt.PREAMBLE.pack(framing.magic, version, 0, len(header))
     out.write(preamble)
     out.write(header)
     out.write(fmt.CHECKSUM.pack(zlib.crc32(header, zlib.crc32(preamble))))
@@ -61,18 +68,20 @@ def write_record(out: BinaryIO, payload: bytes) -> int:
     return fmt.RECORD.size + len(payload)
 
 
-def read_header(f: BinaryIO, size: int, path: str | os.PathLike[str]) -> tuple[int, bytes, int]:
+def read_header(f: BinaryIO, size: int, path: str | os.PathLike[str],
+                framing: fmt.Framing = fmt.SNAPSHOT) -> tuple[int, bytes, int]:
     """(format version, header bytes, offset of the first record), after the preamble and CRC checks."""
+    magic = framing.magic
     preamble = f.read(fmt.PREAMBLE.size)
-    if len(preamble) < fmt.PREAMBLE.size or not preamble.startswith(fmt.MAGIC):
-        if preamble and preamble[: len(fmt.MAGIC)] == fmt.MAGIC[: len(preamble)]:
+    if len(preamble) < fmt.PREAMBLE.size or not preamble.startswith(magic):
+        if preamble and preamble[: len(magic)] == magic[: len(preamble)]:
             raise corrupt("the file is truncated inside its preamble")
-        raise SnapshotError(f"{path} is not a kvtrace snapshot (wrong magic bytes)")
+        raise SnapshotError(f"{path} is not a {framing.what} (wrong magic bytes)")
     _, version, flags, header_len = fmt.PREAMBLE.unpack(preamble)
-    if version not in fmt.READABLE_VERSIONS:
+    if version not in framing.versions:
         raise SnapshotError(
-            f"the snapshot has format version {version}; this kvtrace reads versions "
-            + " and ".join(map(str, fmt.READABLE_VERSIONS))
+            f"{path} is a {framing.what} of format version {version}; this kvtrace reads versions "
+            + " and ".join(map(str, framing.versions))
         )
     if flags != 0:
         raise corrupt(f"unknown flags {flags:#x} in the preamble")
@@ -89,7 +98,8 @@ def read_header(f: BinaryIO, size: int, path: str | os.PathLike[str]) -> tuple[i
     return version, header, fmt.PREAMBLE.size + header_len + fmt.CHECKSUM.size
 
 
-def locate_records(fd: int, start: int, size: int, specs: list[RecordSpec]) -> list[Record]:
+def locate_records(fd: int, start: int, size: int, specs: list[RecordSpec],
+                   end: bytes = fmt.END_MARKER) -> list[Record]:
     """Every record's place, then the end marker and the end of the file; ``SnapshotError`` on any defect."""
     records, offset = [], start
     for spec in specs:
@@ -108,22 +118,23 @@ def locate_records(fd: int, start: int, size: int, specs: list[RecordSpec]) -> l
                           f"more than {fmt.MAX_EXPANSION} times (a zstd bomb)")
         records.append(Record(spec, offset, length, crc))
         offset += length
-    marker = pread_exact(fd, len(fmt.END_MARKER), offset)
-    if len(marker) < len(fmt.END_MARKER):
+    marker = pread_exact(fd, len(end), offset)
+    if len(marker) < len(end):
         raise corrupt("the file is truncated before its end marker")
-    if marker != fmt.END_MARKER:
+    if marker != end:
         raise corrupt("the end marker is wrong")
-    if offset + len(fmt.END_MARKER) != size:
+    if offset + len(end) != size:
         raise corrupt("there are extra bytes after the end marker")
     return records
 
 
 class PayloadStream:
-    """One record's payload as a readable stream (positional reads), with a running CRC-32."""
+    """One record's payload as a readable stream (positional reads), with a running CRC-32 (and ``digest``)."""
 
-    def __init__(self, fd: int, record: Record) -> None:
+    def __init__(self, fd: int, record: Record, digest: Digest | None = None) -> None:
         self._fd, self._offset, self._left = fd, record.offset, record.length
         self.crc = 0
+        self.digest = digest
         self.truncated = False
 
     def read(self, size: int = -1) -> bytes:
@@ -136,6 +147,8 @@ class PayloadStream:
             self._left -= size
         self._offset += len(data)
         self.crc = zlib.crc32(data, self.crc)
+        if self.digest is not None:
+            self.digest.update(data)
         return data
 
     def drain(self) -> None:
@@ -144,13 +157,14 @@ class PayloadStream:
             pass
 
 
-def read_payload(fd: int, record: Record, out: memoryview | None) -> None:
+def read_payload(fd: int, record: Record, out: memoryview | None, digest: Digest | None = None) -> None:
     """Decompress ``record`` into ``out`` (``None``: decode and discard) and check its CRC.
 
     A payload whose checksum does not match is reported as such even when it
     also fails to decompress: the checksum names the damage more exactly.
+    ``digest`` is fed the stored bytes on the way (the caller compares it).
     """
-    stream = PayloadStream(fd, record)
+    stream = PayloadStream(fd, record, digest)
     problem = None
     try:
         decompress_into(stream, out, record.spec.decoded)
@@ -162,9 +176,9 @@ def read_payload(fd: int, record: Record, out: memoryview | None) -> None:
         raise corrupt(f"the payload of {record.spec.name} {problem}")
 
 
-def check_checksum(fd: int, record: Record) -> None:
-    """The record's CRC-32, computed streaming (constant memory)."""
-    stream = PayloadStream(fd, record)
+def check_checksum(fd: int, record: Record, digest: Digest | None = None) -> None:
+    """The record's CRC-32, computed streaming (constant memory); ``digest`` is fed the stored bytes."""
+    stream = PayloadStream(fd, record, digest)
     stream.drain()
     check_stream(stream, record)
 

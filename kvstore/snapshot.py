@@ -54,6 +54,7 @@ class SnapshotInfo:
     has_head_scores: bool = False
     trace_bytes: int | None = None  # size of the stored trace; None: no trace
     state_bytes: int = 0  # memory the decoded state takes (what load's max_bytes is compared with)
+    container: str = "kvtrace snapshot"  # what ``path`` names: a file, or "kvtrace store entry" DIR:NAME
 
     @property
     def cache_length(self) -> int:

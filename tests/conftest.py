@@ -55,6 +55,14 @@ def save_tiny(folder: Path, model: torch.nn.Module, tokenizer: PreTrainedTokeniz
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_data_home(tmp_path_factory: pytest.TempPathFactory):
+    """Tests, and every kvtrace they start, get their own default snapshot store ($XDG_DATA_HOME/kvtrace/store)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data-home")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama with grouped-query attention (4 heads, 2 KV heads) and a ChatML template."""

@@ -43,7 +43,8 @@ def wait_for(name: str, predicate, timeout: float) -> str:
 
 
 def start(name: str, tmp_path: Path) -> None:
-    command = f"cd {tmp_path} && {sys.executable} -m tui_app --max-new-tokens 8 --device cpu"
+    # no autosave: this run is about the questions asked before unsaved work is lost
+    command = f"cd {tmp_path} && {sys.executable} -m tui_app --max-new-tokens 8 --device cpu --no-autosave"
     env = f"PYTHONPATH={REPO_ROOT}"
     assert tmux("new-session", "-d", "-s", name, "-x", "80", "-y", "24", f"{env} sh -c '{command}'").returncode == 0
     wait_for(name, lambda s: "is ready" in flat(s), timeout=180)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -166,7 +167,7 @@ def test_pruned_state_continues_at_the_true_position(loaded):
 
 
 def test_pruning_the_sessions_own_state_keeps_its_trace(loaded):
-    """Importing a pruned copy of the same transcript only changes the cache; another one starts afresh."""
+    """Importing a pruned copy of the same transcript only changes the cache; another one brings its own trace."""
     session = TraceSession(loaded)
     session.start_turn("Why is the sky blue? Tell me.")
     session.generate(4)
@@ -180,8 +181,11 @@ def test_pruning_the_sessions_own_state_keeps_its_trace(loaded):
     other = TraceSession(loaded)
     other.start_turn("Something else entirely")
     other.generate(2)
-    session.import_state(other.export_state())
-    assert session.records == [] and session.token_ids == other.token_ids
+    session.import_state(other.export_state())  # another transcript: its own trace comes with it
+    assert [r.to_dict() for r in session.records] == [r.to_dict() for r in other.records]
+    assert session.token_ids == other.token_ids
+    session.import_state(dataclasses.replace(state, trace=None))
+    assert session.records == [] and session.token_ids == state.token_ids
 
 
 def test_export_import_round_trip_continues_identically(loaded):

@@ -94,14 +94,18 @@ def _stream(tensors: StepTensors) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare(a: int, b: int, line_a: tuple[Sequence[StepRecord], Sequence[StepTensors]],
-            line_b: tuple[Sequence[StepRecord], Sequence[StepTensors]], lens: LogitLens | None,
+def compare(a: int, b: int, line_a: tuple[Sequence[StepRecord], Sequence[StepTensors | None]],
+            line_b: tuple[Sequence[StepRecord], Sequence[StepTensors | None]], lens: LogitLens | None,
             text_of: Callable[[int], str]) -> LineComparison:
     """Lines ``a`` and ``b`` (their records and residual streams) compared from where they part; without a
-    lens, a token's probability under the other line is NaN."""
+    lens, or with records restored without their residual stream, a token's probability under the other line
+    is NaN and the lens at the branch point is left out."""
     (ra, ta), (rb, tb) = line_a, line_b
     start = divergence(ra, rb)
     indices = aligned(ra, rb, start)
+    kept = indices + [start + 1] if start + 1 < min(len(ra), len(rb)) else indices
+    if any(ta[i] is None or tb[i] is None for i in kept):
+        lens = None
     a_under_b = b_under_a = [math.nan] * len(indices)
     layers: list[LayerAtBranch] = []
     a_after: list[str] = []

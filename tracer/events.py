@@ -42,6 +42,7 @@ class SessionView:
     saved_to: str | None = None  # where it was last saved or loaded from (changed since if ``unsaved``)
     can_undo_prune: bool = False  # the state before the last prune is kept (until the next turn)
     line_name: str = ""  # the name given to the current line
+    autosaved: str | None = None  # where the runner last autosaved the session (DIR:NAME), if it autosaves
 
     @property
     def context_tokens(self) -> int:
@@ -54,7 +55,7 @@ class SessionView:
 
     @classmethod
     def of(cls, session: Session, lines: LineNumbers | None = None, *, unsaved: bool = False,
-           saved_to: str | None = None, can_undo_prune: bool = False) -> SessionView:
+           saved_to: str | None = None, can_undo_prune: bool = False, autosaved: str | None = None) -> SessionView:
         """Read once, in the thread that owns the session; the runner adds what it tracks beside it."""
         loaded = session.loaded
         lines = lines or LineNumbers()
@@ -82,6 +83,7 @@ class SessionView:
             saved_to=saved_to,
             can_undo_prune=can_undo_prune,
             line_name=lines.names.get(lines.current, ""),
+            autosaved=autosaved,
         )
 
 
@@ -171,5 +173,15 @@ class TaskEnded:
     view: SessionView | None = None
 
 
+@dataclass(frozen=True)
+class AutoSaved:
+    """The runner saved the session to its store after a turn or a branch (or failed to: ``error``)."""
+
+    reference: str | None  # DIR:NAME written; None when the save failed
+    message: str
+    error: bool = False
+    view: SessionView | None = None  # the session now (saved: ``unsaved`` is False), when the save succeeded
+
+
 Event = (Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | Compared
-         | TaskProgress | TaskEnded)
+         | TaskProgress | TaskEnded | AutoSaved)

@@ -31,8 +31,10 @@ from kvstore.errors import PruneError
 from kvstore.pruning import PruneSpec
 from kvstore.state import KVState
 from tracer import usecases
+from tracer.autosave import Autosave
 from tracer.errors import TracerError, UserError
 from tracer.events import (
+    AutoSaved,
     Compared,
     Event,
     LensReady,
@@ -77,15 +79,17 @@ class OpenProgress:
 class SessionRunner:
     """Runs jobs on a session in one worker thread and reports what happened as events."""
 
-    def __init__(self, listener: Listener, *, lock: Any = None) -> None:
+    def __init__(self, listener: Listener, *, lock: Any = None, autosave: Autosave | None = None) -> None:
         self._listener = listener
+        self.autosave = autosave  # saves every finished turn and branch to a store (in the worker)
         self.lock = lock if lock is not None else threading.Lock()
         self.view: SessionView | None = None
         self._session: Session | None = None
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._run_id = 0
         self._cancel = threading.Event()
-        self._lens_wanted: tuple[int, ...] = ()  # replaced whole by the caller, read by the worker
+        self._lens_wanted: tuple[int, ...] = ()  # replaced whole by the caller, thinned by the worker
+        self._lens_request = threading.Lock()  # guards _lens_wanted between the two
         self._lens_queued = False
         self._open_error: BaseException | None = None
         self._lines = LineNumbers()
@@ -120,8 +124,19 @@ class SessionRunner:
         assert self._session is not None
         unsaved = self._version != self._saved_version and bool(self._session.token_ids)
         self.view = SessionView.of(self._session, self._lines, unsaved=unsaved, saved_to=self._saved_to,
-                                   can_undo_prune=self._before_prune is not None)
+                                   can_undo_prune=self._before_prune is not None,
+                                   autosaved=self.autosave.last if self.autosave else None)
         return self.view
+
+    def _autosave(self, session: Session, kind: str) -> None:
+        """Save the session to the autosave store after a run of ``kind``; AutoSaved either way (never raises)."""
+        try:
+            message = self.autosave.save(session, kind)
+        except Exception as error:
+            self._emit(AutoSaved(None, f"autosave failed: {self._explain(error)}", error=True))
+            return
+        self._saved(self.autosave.last)  # nothing is lost by quitting now
+        self._emit(AutoSaved(self.autosave.last, message, view=self._refresh()))
 
     def _changed(self) -> None:
         """The session changed: it differs from any saved copy."""
@@ -213,7 +228,7 @@ class SessionRunner:
         self.open(lambda progress: session)
 
     # ------------------------------------------------------------- generation
-    def _start_run(self, prepare: Callable[[Session], Any] | None, steps: int | None) -> int:
+    def _start_run(self, prepare: Callable[[Session], Any] | None, steps: int | None, kind: str) -> int:
         self._run_id += 1
         run_id = self._run_id
         cancel = self._cancel = threading.Event()
@@ -224,6 +239,7 @@ class SessionRunner:
             error = None
             stepped = False
             started, lens_seconds = time.monotonic(), 0.0
+            version = self._version
 
             def on_step(record: StepRecord) -> None:
                 nonlocal stepped, lens_seconds
@@ -249,17 +265,19 @@ class SessionRunner:
                 self._new_turn()
                 self._changed()
             self._emit(RunEnded(run_id, session.stop_reason, error, self._refresh()))
+            if self.autosave is not None and self._version != version:
+                self._autosave(session, kind)
 
         self._jobs.put(run)
         return run_id
 
     def send(self, text: str, system: str | None = None) -> int:
         """A new user turn, then the reply up to the sampling settings' max new tokens; returns the run id."""
-        return self._start_run(lambda session: session.start_turn(text, system=system), None)
+        return self._start_run(lambda session: session.start_turn(text, system=system), None, "turn")
 
     def generate(self, steps: int | None = None) -> int:
         """More of the current reply (``steps`` tokens, default the settings' max new tokens)."""
-        return self._start_run(None, steps)
+        return self._start_run(None, steps, "more")
 
     def branch(self, index: int, token_id: int) -> int:
         """From generated token ``index``, continue with ``token_id`` instead (the old line is kept)."""
@@ -268,7 +286,7 @@ class SessionRunner:
             session.branch(index, token_id)
             self._lines.branched()
 
-        return self._start_run(prepare, None)
+        return self._start_run(prepare, None, "branch")
 
     def stop(self) -> None:
         """End the running generation within one step."""
@@ -277,9 +295,10 @@ class SessionRunner:
     # -------------------------------------------------------------------- lens
     def want_lens(self, indices: Sequence[int]) -> None:
         """Compute the lens and the attribution of these records, the first first, in batches (a LensReady
-        each); a newer request replaces what is left of this one. While a reply is generated, small batches run between its steps,
-        taking at most ``RUN_LENS_SHARE`` of the time."""
-        self._lens_wanted = tuple(indices)
+        each); a newer request replaces what is left of this one. While a reply is generated, small batches run
+        between its steps, taking at most ``RUN_LENS_SHARE`` of the time."""
+        with self._lens_request:
+            self._lens_wanted = tuple(indices)
         if not self._lens_queued:
             self._lens_queued = True
             self._jobs.put(self._lens_job)
@@ -308,6 +327,8 @@ class SessionRunner:
             self._lens_wanted = ()
             self._emit(TaskEnded("lens", f"the lens could not be computed: {self._explain(error)}", error=True))
             return False
+        with self._lens_request:  # asked for once: a record restored without hidden states stays without a lens
+            self._lens_wanted = tuple(i for i in self._lens_wanted if i not in batch)
         self._emit(LensReady(tuple(batch)))
         return True
 
@@ -371,6 +392,8 @@ class SessionRunner:
         self._task("save", save, changes_session=True)
 
     def load(self, path: str) -> None:
+        """Continue from the snapshot ``path`` names (a ``.kvs`` file or ``DIR:NAME``)."""
+
         def load(session: Session) -> str:
             loaded = usecases.load_into(session, path)
             if not session.branches:  # another transcript: its lines start afresh
@@ -378,6 +401,8 @@ class SessionRunner:
             self._new_turn()
             self._changed()
             self._saved(path)
+            if self.autosave is not None:
+                self.autosave.loaded(path)
             return loaded.describe()
 
         self._task("load", load, changes_session=True)
@@ -388,6 +413,8 @@ class SessionRunner:
             pruned = usecases.prune(session, spec)
             self._before_prune = (pruned.before, version)
             self._changed()
+            if self.autosave is not None:
+                self.autosave.changed()
             return pruned.describe()
 
         self._task("prune", prune, changes_session=True)
@@ -402,6 +429,8 @@ class SessionRunner:
             undone = usecases.undo_prune(session, state)
             self._before_prune = None
             self._version = version  # exactly the state it was: saved if it was saved
+            if self.autosave is not None:
+                self.autosave.changed()
             return undone.describe()
 
         self._task("undo", undo, changes_session=True)
@@ -423,6 +452,8 @@ class SessionRunner:
             self._lines.switched(index)
             self._new_turn()
             self._changed()
+            if self.autosave is not None:
+                self.autosave.switched(index)
             return f"now on line {self._lines.current}; line {left}, which you left, is kept"
 
         self._task("branch", switch, changes_session=True)

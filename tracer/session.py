@@ -21,7 +21,7 @@ import torch
 from kvstore.errors import SnapshotError
 from kvstore.snapshot import check_fingerprint
 from kvstore.state import KVState
-from tracer import capture, chat, compare, tensor_export
+from tracer import capture, chat, compare, tensor_export, trace_codec
 from tracer.detokenize import IncrementalDecoder
 from tracer.engine import Engine
 from tracer.attribution import Attributor
@@ -54,7 +54,7 @@ class Branch:
     records: list[StepRecord]
     state: KVState
     label: str
-    hidden: list[StepTensors] = field(default_factory=list, repr=False)
+    hidden: list[StepTensors | None] = field(default_factory=list, repr=False)
     turns: list[TurnMark] = field(default_factory=list, repr=False)
 
 
@@ -79,7 +79,8 @@ class TraceSession:
         self._model = loaded.model
         self._tokenizer = loaded.tokenizer
         self.engine = Engine(loaded, capture_attention=capture_attention, notice=self._notice)
-        self._hidden: list[StepTensors] = []  # per record: the residual stream at the fed position
+        self._hidden: list[StepTensors | None] = []  # per record: the residual stream at the fed position (None:
+        # restored from a snapshot's trace, which does not keep it)
         self._turns: list[TurnMark] = []
         self._rendered = ""
         self._reply_start = 0
@@ -291,7 +292,8 @@ class TraceSession:
         with self._lens_lock:
             if self._lens is None:
                 return [[] for _ in indices]
-            missing = [i for i in indices if self.records[i].lens is None]
+            # records restored from a snapshot's trace have no hidden states: only a lens computed before the save
+            missing = [i for i in indices if self.records[i].lens is None and self._hidden[i] is not None]
             if missing:
                 stream = torch.stack([torch.cat([self._hidden[i].hidden, self._hidden[i].final[None]])
                                       for i in missing])
@@ -300,13 +302,14 @@ class TraceSession:
                 for i, (layers, stats) in zip(missing, self._lens.read(stream, chosen, self.top_k, self._piece)):
                     self.records[i].lens_stats = stats
                     self.records[i].lens = [*layers, LensLayer(last, list(self.records[i].top))]
-            return [self.records[i].lens for i in indices]
+            return [self.records[i].lens or [] for i in indices]
 
     def attribution(self, index: int) -> Attribution | None:
         """What each layer added to generated token ``index``'s logit (``tracer.attribution``; computed once,
-        then cached on the record); None when the model's final norm is not one the attribution understands."""
+        then cached on the record); None when the model's final norm is not one the attribution understands, or
+        the record was restored without its hidden states."""
         record = self.records[index]
-        if record.attribution is None and self._attributor is not None:
+        if record.attribution is None and self._attributor is not None and self._hidden[index] is not None:
             record.attribution = self._attributor.attribute(self._hidden[index], record.token_id)
         return record.attribution
 
@@ -314,6 +317,8 @@ class TraceSession:
         """Generated token ``index``'s tensors for a notebook (``tracer.tensor_export``): the residual stream,
         the attention kept and the logits, recomputed from the stream entering the final norm."""
         tensors = self._hidden[index]
+        if tensors is None:
+            raise TracerError(f"token {index} was restored from a snapshot, which keeps no hidden states to export")
         logits = None
         if self._lens is not None and tensors.final is not None:
             with self._lens_lock:
@@ -405,6 +410,7 @@ class TraceSession:
                 # so ``kvtrace info`` can show the transcript without loading a model
                 "token_texts": self.token_texts(),
             },
+            trace=trace_codec.encode(self.records, self._turns),
         )
 
     def import_state(self, state: KVState) -> None:
@@ -412,7 +418,8 @@ class TraceSession:
 
         A state of the very transcript the session holds (this session's own state,
         pruned) keeps the step records, their lens and the branches: only the cache
-        changes. Any other state starts a fresh trace, since its steps were not traced here.
+        changes. Any other state brings back the trace it carries (records and turns;
+        a damaged trace is ignored, with a notice), or starts a fresh one.
         """
         check_fingerprint(state.fingerprint, self.loaded.fingerprint)
         try:
@@ -424,7 +431,23 @@ class TraceSession:
         if not same_transcript:
             self.records, self._hidden, self.branches = [], [], []
             self._turns = []
+            self._restore_trace(state)
+
+    def _restore_trace(self, state: KVState) -> None:
+        """The records and turn marks of ``state``'s trace (no hidden states: see ``lens_many``)."""
+        trace = None
+        if state.trace is not None:
+            try:
+                trace = trace_codec.decode(state.trace, self.token_ids, self.loaded.fingerprint.vocab_size,
+                                           len(self.messages))
+            except trace_codec.TraceError as error:
+                self._notice(f"{error}; the timeline starts empty")
+        if trace is None or not trace.turns:
             self._mark_turn()
+            return
+        self.records = trace.records
+        self._hidden = [None] * len(trace.records)
+        self._turns = [TurnMark(*turn) for turn in trace.turns]
 
     def _restore(self, state: KVState) -> None:
         self.engine.restore(state)

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from kvstore import snapshot
 from kvstore.atomic import atomic_writer, output_target
 from kvstore.errors import PruneError, SnapshotError
 from kvstore.format import DEFAULT_CODEC
 from kvstore.pruning import PruneSpec
 from kvstore.snapshot import SnapshotInfo
 from kvstore.state import KVState
-from kvstore.verify import verify
+from kvstore.store import Collected, EntryInfo, Store, default_store_path
+from tracer import references
 from tracer.errors import SettingsError, TracerError
 from tracer.loading import EMBEDDED_NAME, LoadedModel, load_model, quiet_transformers
 from tracer.protocol import Session
@@ -92,40 +92,62 @@ def open_session(choice: ModelChoice, sampling: SamplingSettings, options: Trace
 @dataclass(frozen=True)
 class Saved:
     path: str
-    written: int  # bytes on disk
+    written: int  # bytes on disk (in a store: of the new chunks, blocks and the entry)
     tokens: int
     entries: int
     raw_bytes: int
     codec: str
+    shared: int | None = None  # in a store: bytes of earlier chunks this entry reuses
 
     def describe(self) -> str:
+        if self.shared is not None:
+            return (f"saved {self.tokens} tokens ({self.entries} cached entries) to {self.path}: {self.written:,} "
+                    f"new bytes, {self.shared:,} shared with earlier entries, codec {self.codec}")
         return (f"saved {self.tokens} tokens ({self.entries} cached entries) to {self.path}: {self.written:,} bytes, "
                 f"codec {self.codec}, {self.written / max(self.raw_bytes, 1):.3f} of the raw K/V")
 
 
-def save_state(state: KVState, path: str, codec: str = DEFAULT_CODEC, label: str | None = None) -> Saved:
-    """Write ``state`` to ``path`` (atomically)."""
+def save_state(state: KVState, path: str, codec: str = DEFAULT_CODEC, label: str | None = None,
+               parent: str | None = None) -> Saved:
+    """Write ``state`` to the reference ``path`` (a file atomically; a store entry sharing with ``parent``)."""
     if label:
         state.metadata["label"] = label
-    written = snapshot.save(state, path, codec=codec)
-    return Saved(path, written, len(state.token_ids), state.cache_length, state.nbytes, codec)
+    written = references.save(state, references.parse(path), codec, references.parse(parent) if parent else None)
+    return Saved(path, written.written, len(state.token_ids), state.cache_length, state.nbytes, codec, written.shared)
 
 
-def save(session: Session, path: str, codec: str = DEFAULT_CODEC, label: str | None = None) -> Saved:
-    """Save the session's paused generation to ``path``."""
-    return save_state(session.export_state(), path, codec, label)
+def save(session: Session, path: str, codec: str = DEFAULT_CODEC, label: str | None = None,
+         parent: str | None = None) -> Saved:
+    """Save the session's paused generation to the reference ``path``."""
+    return save_state(session.export_state(), path, codec, label, parent)
 
 
 def read_state(path: str, session: Session | None = None, *, max_bytes: int | None = None) -> KVState:
-    """A snapshot's state within the memory budget ``max_bytes`` (default: ``kvstore.format``'s).
+    """A snapshot's state (file or store entry) within the memory budget ``max_bytes`` (default: kvstore's).
 
     With a session it is refused, before any payload is decoded, unless it fits the session's model
     and context window.
     """
+    ref = references.parse(path)
     if session is None:
-        return snapshot.load(path, max_bytes=max_bytes)
-    return snapshot.load(path, expected=session.loaded.fingerprint, max_tokens=session.loaded.context_limit,
-                         max_bytes=max_bytes)
+        return references.load(ref, max_bytes=max_bytes)
+    return references.load(ref, expected=session.loaded.fingerprint, max_tokens=session.loaded.context_limit,
+                           max_bytes=max_bytes)
+
+
+def read_info(path: str) -> SnapshotInfo:
+    """The header of the snapshot ``path`` names (no payload read)."""
+    return references.read_info(references.parse(path))
+
+
+def verify(path: str, *, deep: bool = False) -> str:
+    """Check every record of the snapshot ``path`` names; what was checked, or ``SnapshotError`` naming the damage."""
+    return references.verify(references.parse(path), deep=deep).describe()
+
+
+def check_output(path: str) -> None:
+    """Refuse an output reference that cannot be written, before slow work."""
+    references.check_output(references.parse(path))
 
 
 @dataclass(frozen=True)
@@ -140,10 +162,39 @@ class Loaded:
 
 
 def load_into(session: Session, path: str) -> Loaded:
-    """Continue the session from the snapshot at ``path``; the session is unchanged if it is refused."""
+    """Continue the session from the snapshot ``path`` names; the session is unchanged if it is refused."""
     state = read_state(path, session)
     session.import_state(state)
     return Loaded(path, len(state.token_ids), state.cache_length, state.nbytes)
+
+
+# ----------------------------------------------------------------------------------------- store
+def store_folder(path: str | None) -> Path:
+    """The store folder ``path`` names (``None`` or empty: the default store)."""
+    return Path(path).expanduser() if path else default_store_path()
+
+
+def list_store(path: str | None) -> list[EntryInfo]:
+    """The entries of a store, newest first."""
+    return Store.open(store_folder(path)).entries()
+
+
+def collect(path: str | None) -> Collected:
+    return Store.open(store_folder(path)).gc()
+
+
+def remove(path: str) -> None:
+    ref = references.parse(path)
+    if ref.store is None:
+        raise SnapshotError(f"{path} is a file, not a store entry (DIR:NAME); delete files with rm")
+    ref.open_store().remove(ref.name)
+
+
+def export(path: str, output: str, codec: str | None = None) -> Saved:
+    """Copy the snapshot ``path`` names (a store entry, usually) into ``output`` (in its codec, by default)."""
+    check_output(output)
+    codec = codec or read_info(path).codec
+    return save_state(read_state(path), output, codec)
 
 
 # -------------------------------------------------------------------------------------- pruning
@@ -353,7 +404,7 @@ def resume(request: ResumeRequest, progress: Progress = _quiet) -> Session:
     Every record's checksum is verified before the model loads (a damaged file costs no load time), and
     the payloads are decoded only once the model is known to fit.
     """
-    info = snapshot.read_info(request.source)
+    info = read_info(request.source)
     verify(request.source)
     plan = model_for_snapshot(info, request.model.spec)
     progress(f"resuming with {plan.reason}")
@@ -385,7 +436,7 @@ def import_legacy(source: str, output: str, choice: ModelChoice, *, tokens_file:
     """Convert a KV cache saved with ``torch.save`` (or, with ``allow_pickle``, pickle) into a snapshot."""
     from kvstore.legacy import read_legacy, to_state
 
-    output_target(output)
+    check_output(output)
     legacy = read_legacy(source, allow_pickle=allow_pickle)
     token_ids = read_token_file(tokens_file) if tokens_file else legacy.token_ids
     if token_ids is None:

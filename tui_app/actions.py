@@ -56,6 +56,8 @@ ACTIONS: list[Action] = [
     Action("undo_prune", "u", "Undo prune", "undo the last prune (possible until the next turn)", "Undo prune"),
     Action("export", "ctrl+e", "Export", "export the trace as JSON Lines (the --dump schema, every step's lens "
            "computed)", "Export trace", priority=True),
+    Action("history", "h", "History", "the snapshot store's history: every saved turn and branch, to go back to",
+           "History of saved turns"),
     Action("copy('token')", "c", "Copy token", "copy the selected token's details (clipboard via OSC 52, and "
            "kvtrace-copy.txt)", "Copy token details"),
     Action("copy('reply')", "y", "Copy reply", "copy the last reply (clipboard via OSC 52, and kvtrace-copy.txt)",

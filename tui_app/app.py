@@ -29,6 +29,7 @@ from tracer import events
 from tracer.events import SessionView
 from tracer.protocol import Session
 from tracer.records import StepRecord
+from tracer.autosave import Autosave
 from tracer.runner import Opener, SessionRunner
 from tui_app import actions
 from tui_app.clipboard import copy
@@ -37,6 +38,7 @@ from tui_app.formatting import byte_count, loading_text
 from tui_app.messages import RunnerEvent
 from tui_app.screens.compare import CompareScreen
 from tui_app.screens.help import HelpScreen
+from tui_app.screens.history import HistoryScreen
 from tui_app.screens.lens_cell import LensCellScreen
 from tui_app.screens.lines import LinesChoice, LinesScreen
 from tui_app.screens.load import LoadScreen
@@ -80,11 +82,14 @@ class KvtraceApp(App[None]):
     BINDINGS = actions.bindings()
 
     def __init__(self, session: Session | None = None, *, opener: Opener | None = None, system: str | None = None,
-                 prompt: str = "") -> None:
+                 prompt: str = "", store: str | None = None, autosave: bool = False) -> None:
         super().__init__()
         if session is None and opener is None:
             raise ValueError("KvtraceApp needs a session or an opener")
-        self.runner = SessionRunner(lambda event: self.post_message(RunnerEvent(event)))
+        # the snapshot store: the history lists it; with ``autosave`` every finished turn and branch is saved there
+        self.store = store
+        self.runner = SessionRunner(lambda event: self.post_message(RunnerEvent(event)),
+                                    autosave=Autosave(store) if store and autosave else None)
         self._opener: Opener = opener or (lambda progress: session)
         self.view: SessionView | None = None
         self.system = system
@@ -139,7 +144,8 @@ class KvtraceApp(App[None]):
         self.query_one("#chat").border_title = "Chat"
         self.timeline.border_title = "Tokens"
         self._draw_pane_bar()
-        self.status_bar.set(activity="loading")
+        self.status_bar.set(activity="loading", autosave="" if self.store is None
+                            else "autosave" if self.runner.autosave else "autosave off")
         self.query_one("#prompt", Input).focus()
         self.chat.show_progress("Loading the model…")
         self.runner.open(self._opener)
@@ -222,8 +228,8 @@ class KvtraceApp(App[None]):
 
     def _lens_ready(self, event: events.LensReady) -> None:
         record = self.timeline.selected_record
-        if record is not None and record.index in event.indices and record.lens is not None:
-            self.query_one(LensPane).show(record, record.lens)
+        if record is not None and record.index in event.indices:  # no lens now: none can be computed
+            self.query_one(LensPane).show(record, record.lens or [])
         self.grid_pane.filled()
 
     def _compared(self, event: events.Compared) -> None:
@@ -249,6 +255,13 @@ class KvtraceApp(App[None]):
         if event.task == "save" and self.quit_after_save:
             self.exit()
 
+    def _auto_saved(self, event: events.AutoSaved) -> None:
+        self.status_bar.set(autosave="autosave failed" if event.error else "autosaved")
+        if event.error:
+            self.notify(sentence(event.message), severity="error", timeout=8)
+        elif event.view is not None:
+            self.view = event.view  # saved now: quitting loses nothing
+
     _HANDLERS: dict[type, Callable[[KvtraceApp, events.Event], None]] = {
         events.Progress: _progress,
         events.Opened: _opened,
@@ -260,6 +273,7 @@ class KvtraceApp(App[None]):
         events.Compared: _compared,
         events.TaskProgress: _task_progress,
         events.TaskEnded: _task_ended,
+        events.AutoSaved: _auto_saved,
     }
 
     # -- bindings -------------------------------------------------------------------------------
@@ -619,6 +633,18 @@ class KvtraceApp(App[None]):
     def _load_chosen(self, path: str | None) -> None:
         if path is not None:
             self._start_task("loading", partial(self.runner.load, path))
+
+    # -- the store's history (tui_app.screens.history) ---------------------------------------------
+    def action_history(self) -> None:
+        if self.store is None:
+            self.notify("This app was started without a snapshot store.", severity="warning")
+            return
+        self._when_idle(lambda: self.push_screen(HistoryScreen(self.store, self.view.fingerprint),
+                                                 self._history_chosen))
+
+    def _history_chosen(self, name: str | None) -> None:
+        if name is not None:
+            self._load_chosen(f"{self.store}:{name}")
 
     def action_prune(self) -> None:
         self._when_idle(self._open_prune)

@@ -30,15 +30,27 @@ commands:
   kvtrace                         open the app on the embedded SmolLM2-135M-Instruct
   kvtrace --dump FILE --prompt T  trace headlessly, JSON Lines to FILE ('-' = stdout)
   kvtrace --print [--prompt T]    trace headlessly and print a readable step table
-  kvtrace save|resume|prune|info|import ...   work with KV snapshots (.kvs);
+  kvtrace save|resume|prune|info|import ...   work with KV snapshots;
                                   'kvtrace COMMAND --help' for each
+  kvtrace ls|gc|export|rm ...     work with a snapshot store
+
+snapshots: REF is a .kvs file or DIR:NAME, entry NAME of the snapshot store in
+folder DIR (split at the last ':'; ':NAME' is the default store,
+$XDG_DATA_HOME/kvtrace/store). Writing to DIR:NAME creates the store and
+writes only the chunks it does not hold yet. The app saves every turn and
+branch there (--no-autosave turns it off).
 
 examples:
   kvtrace --dump trace.jsonl --prompt "Why is the sky blue?" --max-new-tokens 32
   kvtrace save --prompt "Tell me a story." -o story.kvs
   kvtrace resume story.kvs --steps 50
   kvtrace prune story.kvs -o small.kvs --sinks 4 --recent 256
+  kvtrace save --prompt "Q1" --steps 64 -o mem:t1
+  kvtrace resume mem:t1 --continue "Q2" --steps 64 -o mem:t2
+  kvtrace ls mem
 """
+
+REF_HELP = "a .kvs file or DIR:NAME (an entry of the snapshot store in DIR)"
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--print", dest="print_trace", action="store_true",
                        help="trace headlessly and print a readable step table (for logs, pipes and terminals "
                        "where the app can't run); without --prompt a demo prompt is used")
+    app = parser.add_argument_group("app")
+    app.add_argument("--store", metavar="DIR", default=None,
+                     help="the snapshot store the app saves every turn and branch to and lists in its history "
+                     "(default: $XDG_DATA_HOME/kvtrace/store)")
+    app.add_argument("--no-autosave", action="store_true",
+                     help="do not save turns and branches to the store (the history still lists it)")
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     _add_snapshot_commands(commands)
@@ -141,7 +159,7 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
                                description="Prefill a prompt (and optionally generate) and save the KV cache.")
     save.add_argument("--prompt", required=True, metavar="TEXT", help="the user message")
     save.add_argument("--system", metavar="TEXT", help="an optional system prompt")
-    save.add_argument("-o", "--output", required=True, metavar="FILE", help="snapshot file to write (.kvs)")
+    save.add_argument("-o", "--output", required=True, metavar="REF", help=f"where to save: {REF_HELP}")
     save.add_argument("--codec", default=DEFAULT_CODEC, choices=CODEC_NAMES, metavar="CODEC",
                       help=f"payload codec (default {DEFAULT_CODEC}): {CODEC_HELP}")
     save.add_argument("--steps", type=int, default=0, metavar="N", help="generate N tokens before saving (default 0)")
@@ -151,13 +169,14 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
 
     resume = commands.add_parser("resume", help="load a snapshot and continue generating",
                                  description="Load a snapshot into its model and continue exactly where it stopped.")
-    resume.add_argument("file", metavar="FILE", help="snapshot to resume (.kvs)")
+    resume.add_argument("file", metavar="REF", help=f"snapshot to resume: {REF_HELP}")
     resume.add_argument("--continue", dest="continue_text", metavar="TEXT",
                         help="add a user message before continuing")
     resume.add_argument("--steps", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
     resume.add_argument("--dump", metavar="FILE", help="also write the trace as JSON Lines ('-' = stdout)")
     resume.add_argument("--top-k", type=int, default=10, metavar="K", help="candidates per step (default 10)")
-    resume.add_argument("-o", "--output", metavar="FILE", help="save the state after resuming to FILE")
+    resume.add_argument("-o", "--output", metavar="REF",
+                        help="save the state after resuming to REF (in the same store, REF shares its chunks)")
     add_memory_option(resume)
     add_model_options(resume)
     add_sampling_options(resume, resuming=True)
@@ -165,8 +184,8 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
     prune = commands.add_parser("prune", help="shrink a snapshot's KV cache",
                                 description="Drop cache entries; original positions are kept, so resuming "
                                 "continues at the true next position.")
-    prune.add_argument("file", metavar="FILE", help="snapshot to prune")
-    prune.add_argument("-o", "--output", required=True, metavar="OUT", help="pruned snapshot to write")
+    prune.add_argument("file", metavar="REF", help=f"snapshot to prune: {REF_HELP}")
+    prune.add_argument("-o", "--output", required=True, metavar="OUT", help="pruned snapshot to write (a REF)")
     prune.add_argument("--keep-last", type=int, metavar="N", help="keep the last N entries")
     prune.add_argument("--sinks", type=int, metavar="S", help="keep the first S entries (attention sinks; "
                        f"with --method: default {DEFAULT_SINKS})")
@@ -184,7 +203,7 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="check and describe a snapshot",
                                description="Check every record's checksum, then show the snapshot's header, model, "
                                "tokens as text, codec and sizes; a damaged file is one error line and exit code 2.")
-    info.add_argument("file", metavar="FILE", help="snapshot to describe")
+    info.add_argument("file", metavar="REF", help=f"snapshot to describe: {REF_HELP}")
     info.add_argument("--json", action="store_true", help="print the description as JSON")
     checks = info.add_mutually_exclusive_group()
     checks.add_argument("--header", action="store_true", help="read the header only (fast; checks no payload)")
@@ -194,13 +213,37 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
                                  description="Convert a tuple of (K, V) per layer saved with torch.save "
                                  "(read with weights_only=True) into a .kvs snapshot.")
     legacy.add_argument("file", metavar="LEGACY", help="the old file (torch.save, or pickle with --allow-pickle)")
-    legacy.add_argument("-o", "--output", required=True, metavar="FILE", help="snapshot to write")
+    legacy.add_argument("-o", "--output", required=True, metavar="REF", help="snapshot to write (a REF)")
     legacy.add_argument("--tokens", metavar="FILE",
                         help="the token ids the cache was built from, as a JSON list (required unless the "
                         "legacy file carries them)")
     legacy.add_argument("--allow-pickle", action="store_true",
                         help="also read pickle / gzip-pickle files; WARNING: this executes code from the file")
     add_model_options(legacy)
+    _add_store_commands(commands)
+
+
+def _add_store_commands(commands: argparse._SubParsersAction) -> None:
+    store_help = "the store's folder (default: $XDG_DATA_HOME/kvtrace/store)"
+    ls = commands.add_parser("ls", help="list a snapshot store's entries",
+                             description="List the entries of a snapshot store, newest first: tokens, the bytes only "
+                             "the entry uses and those it shares with others, its parent entry, age and label.")
+    ls.add_argument("store", metavar="DIR", nargs="?", help=store_help)
+    gc = commands.add_parser("gc", help="delete the chunks no entry of a store uses",
+                             description="Delete the chunks and trace blocks no entry uses, and temporaries of "
+                             "killed saves; waits for saves in progress, which wait for it.")
+    gc.add_argument("store", metavar="DIR", nargs="?", help=store_help)
+    export = commands.add_parser("export", help="copy a store entry into a single .kvs file",
+                                 description="Copy a snapshot (a store entry DIR:NAME, usually) into one portable "
+                                 "file.")
+    export.add_argument("ref", metavar="REF", help=f"the snapshot to copy: {REF_HELP}")
+    export.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write (.kvs), or a REF")
+    export.add_argument("--codec", choices=CODEC_NAMES, metavar="CODEC",
+                        help=f"codec of the copy (default: the snapshot's): {', '.join(CODEC_NAMES)}")
+    rm = commands.add_parser("rm", help="remove store entries",
+                             description="Remove entries from their store; 'kvtrace gc DIR' then frees the chunks "
+                             "no other entry uses.")
+    rm.add_argument("refs", metavar="DIR:NAME", nargs="+", help="the entries to remove")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,3 +42,14 @@ def loading_text(stage: str, elapsed: float | None, expected: float | None, widt
     estimate = f"about {round(left)} s left" if left >= 1 else f"taking longer than the usual {round(expected)} s"
     return (f"Loading: {stage}\n{bar(min(elapsed / expected, 0.99), width).replace(' ', '·')} "
             f"{round(elapsed)} s · {estimate}")
+
+
+def age(saved: float, now: float) -> str:
+    """How long ago ``saved`` was (Unix seconds): ``12 s``, ``5 min``, ``3 h``, ``2 d``; ``?`` when unknown."""
+    if saved <= 0:
+        return "?"
+    seconds = max(0.0, now - saved)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"

@@ -112,7 +112,7 @@ def lines(info: SnapshotInfo, *, model: ModelFingerprint | None = None, resume_m
     params = info.codec_params
     shown_params = f" ({', '.join(f'{k} {v}' for k, v in params.items())})" if any(params.values()) else ""
     out = [
-        f"file:     {info.path} (kvtrace snapshot v{info.format_version}), {info.label or 'no label'}, "
+        f"file:     {info.path} ({info.container} v{info.format_version}), {info.label or 'no label'}, "
         f"created {created_text(info.created)}",
         f"tokens:   {len(info.token_ids)} in the transcript, {info.cache_length} cached "
         f"(positions {ranges(info.positions)}), next position {info.next_position}",

@@ -17,11 +17,16 @@ def session_opener(args: argparse.Namespace):
 
 
 def run_app(args: argparse.Namespace) -> int:
+    from tracer.usecases import store_folder
     from tui_app.app import KvtraceApp
 
-    app = KvtraceApp(opener=session_opener(args), system=args.system, prompt=args.prompt or "")
+    app = KvtraceApp(opener=session_opener(args), system=args.system, prompt=args.prompt or "",
+                     store=str(store_folder(args.store)), autosave=not args.no_autosave)
     app.run()
     if app.load_error is not None:
         print(f"kvtrace: error: {app.load_error}", file=sys.stderr)
         return 2
+    if app.view is not None and app.view.autosaved:
+        print(f"kvtrace: the session is saved as {app.view.autosaved} ('kvtrace resume {app.view.autosaved}', or h "
+              "in the app)", file=sys.stderr)
     return 0

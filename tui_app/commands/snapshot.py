@@ -1,5 +1,9 @@
 """``kvtrace save | resume | prune | info | import``: thin adapters from flags to ``tracer.usecases``.
 
+Every snapshot argument is a reference: a ``.kvs`` file or ``DIR:NAME``, an
+entry of a snapshot store (``tracer.references``); ``ls``, ``gc``, ``export``
+and ``rm`` work on stores (``tui_app.commands.store``).
+
 Every argument is checked before a model is loaded (a typo costs no load
 time); every expected failure is a ``SnapshotError`` or ``TracerError`` that
 the CLI prints as one line with exit code 2; results go to stdout, progress to
@@ -16,7 +20,10 @@ from tui_app.commands.options import check_count, model_choice, sampling, sampli
 
 
 def run_snapshot_command(args: argparse.Namespace) -> int:
-    handler = {"save": _save, "resume": _resume, "prune": _prune, "info": _info, "import": _import}
+    from tui_app.commands import store
+
+    handler = {"save": _save, "resume": _resume, "prune": _prune, "info": _info, "import": _import,
+               **store.HANDLERS}
     return handler[args.command](args)
 
 
@@ -26,7 +33,7 @@ def _save(args: argparse.Namespace) -> int:
 
     check_count("--steps", args.steps)
     settings, choice = sampling(args, max(args.steps, 1)), model_choice(args)
-    usecases.output_target(args.output)
+    usecases.check_output(args.output)
     runner = SessionRunner.headless(
         lambda progress: usecases.open_session(choice, settings, usecases.TraceOptions(), progress), say)
 
@@ -45,7 +52,6 @@ def _save(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from kvstore import snapshot
     from tracer import usecases
     from tracer.dump import write_trace
     from tracer.runner import SessionRunner
@@ -53,22 +59,23 @@ def _resume(args: argparse.Namespace) -> int:
     check_count("--steps", args.steps)
     request = usecases.ResumeRequest(args.file, model_choice(args), sampling_given(args), args.steps,
                                      args.continue_text, trace_options(args), args.max_memory)
-    for output in (args.output, args.dump):
-        if output and output != "-":
-            usecases.output_target(output)
+    if args.output:
+        usecases.check_output(args.output)
+    if args.dump and args.dump != "-":
+        usecases.output_target(args.dump)
     runner = SessionRunner.headless(lambda progress: usecases.resume(request, progress), say)
 
     def go_on(session) -> str:
         next_position, entries = len(session.token_ids) - 1, len(session.positions)
-        session.generate(args.steps)
-        message = (f"resumed at position {next_position} from {entries} cached entries; {len(session.records)} "
+        generated = session.generate(args.steps)
+        message = (f"resumed at position {next_position} from {entries} cached entries; {len(generated)} "
                    f"tokens generated ({session.stop_reason or 'paused'})")
         if args.dump:
             with usecases.trace_output(args.dump) as out:
                 write_trace(session, out)
         if args.output:
-            codec = snapshot.read_info(args.file).codec
-            message += "\n" + "kvtrace: " + usecases.save(session, args.output, codec).describe()
+            codec = usecases.read_info(args.file).codec
+            message += "\n" + "kvtrace: " + usecases.save(session, args.output, codec, parent=args.file).describe()
         print(session.reply_text())
         return message
 
@@ -110,30 +117,28 @@ def prune_spec(args: argparse.Namespace):
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from kvstore import snapshot
     from tracer import usecases
     from tui_app.snapshot_info import ranges
 
     spec = prune_spec(args)
-    usecases.output_target(args.output)
-    info = snapshot.read_info(args.file)
+    usecases.check_output(args.output)
+    info = usecases.read_info(args.file)
     result = usecases.prune_state(usecases.read_state(args.file, max_bytes=args.max_memory), spec)
-    saved = usecases.save_state(result.state, args.output, args.codec or info.codec)
+    saved = usecases.save_state(result.state, args.output, args.codec or info.codec, parent=args.file)
     print(f"before: {info.cache_length} entries, {info.file_bytes:,} bytes ({info.codec})")
-    print(f"after:  {result.entries_after} entries, {saved.written:,} bytes ({saved.codec}) -> {args.output}")
+    shared = "" if saved.shared is None else f" new, {saved.shared:,} shared"
+    print(f"after:  {result.entries_after} entries, {saved.written:,} bytes{shared} ({saved.codec}) -> {args.output}")
     print(f"resumes at position {result.state.next_position} (kept positions {ranges(result.state.positions)})")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from kvstore import snapshot
     from kvstore.errors import SnapshotError
-    from kvstore.verify import verify
-    from tracer.usecases import model_for_snapshot
+    from tracer.usecases import model_for_snapshot, read_info, verify
     from tui_app.snapshot_info import lines, summary
 
-    info = snapshot.read_info(args.file)
-    checked = "header only" if args.header else verify(args.file, deep=args.deep).describe()
+    info = read_info(args.file)
+    checked = "header only" if args.header else verify(args.file, deep=args.deep)
     try:
         resume_model = model_for_snapshot(info, None).reason
     except SnapshotError as error:

@@ -15,6 +15,7 @@ from textual.widgets import Static
 from tui_app.formatting import byte_count, short_bytes
 
 SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+SHORT_AUTOSAVE = {"autosave": "auto", "autosaved": "saved", "autosave off": "no auto"}  # narrow terminals
 ACTIVITY_STYLES = {"generating": "bold green", "stopping": "bold yellow", "loading": "bold yellow",
                    "load failed": "bold red"}
 
@@ -29,6 +30,7 @@ class Status:
     kv_bytes: int = 0
     tokens_per_second: float | None = None
     activity: str = "loading"  # loading | idle | generating | stopping | saving | ...
+    autosave: str = ""  # "autosave", "autosave off", "autosave failed" ("": the app has no store)
 
 
 class StatusBar(Static):
@@ -55,6 +57,9 @@ class StatusBar(Static):
         dtype = s.dtype if wide else SHORT_DTYPES.get(s.dtype, s.dtype)
         kv = byte_count(s.kv_bytes) if wide else short_bytes(s.kv_bytes)
         activity = ((" │ ", "dim"), (f"● {s.activity}", ACTIVITY_STYLES.get(s.activity, "bold")))
+        if s.autosave:
+            activity += ((" │ ", "dim"), (s.autosave if wide else SHORT_AUTOSAVE.get(s.autosave, s.autosave),
+                                          "bold red" if s.autosave.endswith("failed") else "dim"))
         if not s.context_limit:  # no model yet: no figures to show
             figures = Text.assemble(*activity)
         else:
