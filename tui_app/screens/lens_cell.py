@@ -49,15 +49,15 @@ class LensCellScreen(ModalScreen[None]):
 
     def __init__(self, record: StepRecord, layer: int, token: str) -> None:
         super().__init__()
-        self.record, self.layer, self.token = record, layer, token
+        self.record, self.lens_layer, self.token = record, layer, token
 
     def compose(self) -> ComposeResult:
-        last = self.record.lens is not None and self.layer == len(self.record.lens) - 1
-        where = "the model's output" if last else f"layer {self.layer}"
+        last = self.record.lens is not None and self.lens_layer == len(self.record.lens) - 1
+        where = "the model's output" if last else f"layer {self.lens_layer}"
         with Vertical(id="dialog"):
             yield Label(f"Token #{self.record.index} {self.token} · {where}", classes="title")
             with VerticalScroll(id="help-body"):
-                yield Static(cell_body(self.record, self.layer))
+                yield Static(cell_body(self.record, self.lens_layer))
             yield Label("● the token finally chosen · Escape closes", classes="muted")
 
     def action_close(self) -> None:

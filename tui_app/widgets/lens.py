@@ -56,7 +56,6 @@ class LensPane(Static):
 
     def show_pending(self, record: StepRecord | None, waiting: str) -> None:
         self.record, self.lens_layers = record, None
-        self.border_subtitle = ""
         self.border_title = "Lens" if record is None else f"Lens · #{record.index}"
         self.update(waiting)
 
@@ -85,7 +84,7 @@ class LensPane(Static):
         table.add_column("L", justify="right", no_wrap=True)
         table.add_column("top-1", ratio=2, no_wrap=True, overflow="ellipsis")
         table.add_column("p", justify="right", no_wrap=True)
-        bars = self._bars(record.attribution, len(layers))
+        bars, table.caption = bars_of(record.attribution, len(layers))
         for title in bars:
             table.add_column(title, no_wrap=True)
         table.add_column("next", ratio=3, no_wrap=True, overflow="ellipsis")
@@ -101,18 +100,18 @@ class LensPane(Static):
                           *(column[layer.layer] for column in bars.values()), Text(rest, style="dim"))
         self.update(table)
 
-    def _bars(self, attribution: Attribution | None, count: int) -> dict[str, list[Text]]:
-        """Per bar column (attention and MLP, or the whole layer), a signed bar per layer; the subtitle says
-        what the bars add up to."""
-        if attribution is None or len(attribution.layers) != count:
-            self.border_subtitle = ""
-            return {}
-        layers = attribution.layers.tolist()
-        parts = ({"attn": attribution.attention.tolist(),
-                  "mlp": [t - a for t, a in zip(layers, attribution.attention.tolist())]}
-                 if attribution.attention is not None else {"added": layers})
-        scale = max((abs(v) for values in parts.values() for v in values), default=0.0) or 1.0
-        self.border_subtitle = (f"added to logit−mean {attribution.total:+.2f}: embedding "
-                                f"{attribution.embedding:+.2f}, bars ±{scale:.2f}")
-        return {title: [Text(signed_bar(v / scale, BAR_HALF), style="green" if v >= 0 else "red") for v in values]
-                for title, values in parts.items()}
+
+def bars_of(attribution: Attribution | None, count: int) -> tuple[dict[str, list[Text]], str | None]:
+    """Per bar column (attention and MLP, or the whole layer), a signed bar per layer, and a caption that says
+    what the bars add up to (none without an attribution of ``count`` layers)."""
+    if attribution is None or len(attribution.layers) != count:
+        return {}, None
+    layers = attribution.layers.tolist()
+    parts = ({"attn": attribution.attention.tolist(),
+              "mlp": [t - a for t, a in zip(layers, attribution.attention.tolist())]}
+             if attribution.attention is not None else {"added": layers})
+    scale = max((abs(v) for values in parts.values() for v in values), default=0.0) or 1.0
+    caption = (f"added to logit−mean {attribution.total:+.2f}: embedding {attribution.embedding:+.2f}, "
+               f"bars ±{scale:.2f}")
+    return {title: [Text(signed_bar(v / scale, BAR_HALF), style="green" if v >= 0 else "red") for v in values]
+            for title, values in parts.items()}, caption

@@ -23,7 +23,7 @@ from textual.geometry import Size
 from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
-from textual.widgets import Label, Sparkline
+from textual.widgets import Label, Sparkline, Static
 from textual import events
 
 from tracer.lens_grid import METRICS, Metric, agrees, cell_text, clip
@@ -54,7 +54,7 @@ class LensGrid(ScrollView, can_focus=False):
     """
 
     class Scrolled(Message):
-        """Other columns came into view: their lens may be wanted."""
+        """Other columns came into view (scrolled, shown or resized): their lens may be wanted."""
 
     class CellClicked(Message):
         """A cell was clicked: select its token and layer."""
@@ -136,6 +136,7 @@ class LensGrid(ScrollView, can_focus=False):
 
     def on_resize(self) -> None:
         self.call_after_refresh(self._scroll_to_cursor)
+        self.post_message(self.Scrolled())  # shown, or resized: other columns are in view
 
     def watch_scroll_x(self, old_value: float, new_value: float) -> None:
         super().watch_scroll_x(old_value, new_value)
@@ -192,6 +193,7 @@ class GridPane(Vertical):
     GridPane Horizontal { height: 1; }
     GridPane Label { width: 3; color: $text-muted; }
     GridPane Sparkline { height: 1; width: 1fr; }
+    GridPane #grid-cell { height: 1; color: $text-muted; }
     """
 
     def __init__(self, token_text=None, *, id: str | None = None, classes: str | None = None) -> None:
@@ -201,6 +203,7 @@ class GridPane(Vertical):
 
     def compose(self) -> ComposeResult:
         yield LensGrid(self._token_text, id="lens-grid")
+        yield Static(id="grid-cell")
         with Horizontal():
             yield Label("p")
             yield Sparkline([], summary_function=statistics.fmean, id="spark-prob")
@@ -244,16 +247,17 @@ class GridPane(Vertical):
         self.query_one("#spark-entropy", Sparkline).data = [r.entropy for r in records]
 
     def describe(self) -> None:
-        """The titles: the metric, and the cell under the cursor."""
+        """The title says the metric, the line under the grid the cell under the cursor."""
         grid = self.grid
         self.border_title = f"Lens grid · {grid.metric.name} (m)"
         record = grid.records[grid.selected] if grid.selected is not None and grid.records else None
         value = None if record is None else grid.metric.read(record, grid.cursor)
+        cell = self.query_one("#grid-cell", Static)
         if record is None:
-            self.border_subtitle = ""
+            cell.update("")
         elif value is None:
-            self.border_subtitle = f"#{record.index} · layer {grid.cursor} · computing…"
+            cell.update(f"#{record.index} · layer {grid.cursor} · computing…")
         else:
             top = cell_text(record, grid.cursor, 16)
-            self.border_subtitle = (f"#{record.index} · layer {grid.cursor}: {top} · {grid.metric.name} "
-                                    f"{grid.metric.format.format(value)} · Enter: top-k")
+            cell.update(f"#{record.index} · layer {grid.cursor}: {top} · {grid.metric.name} "
+                        f"{grid.metric.format.format(value)} · Enter: top-k")
