@@ -4,6 +4,7 @@ at their branch point, and the app's grid and head strips against the session's 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -155,3 +156,24 @@ async def test_app_grid_and_head_strips_are_the_sessions_numbers(tiny_llama_dir)
                         + re.escape(f"{entries[row][1]:.2f}"))
                 assert re.search(cell, lines[header + 1 + row]), (head, row, lines[header + 1 + row])
             await pilot.press("right_curly_bracket")
+
+
+def test_print_lens_grid_cells_are_the_sessions_lens(traced):
+    from rich.console import Console
+
+    from tracer.render import GRID_CELL, lens_grid
+
+    session = traced
+    console = Console(width=40, record=True, file=io.StringIO())
+    console.print(lens_grid(session, session.records, 40))
+    lines = console.export_text().splitlines()
+    per_band = (40 - 4) // GRID_CELL
+    bands = [i for i, line in enumerate(lines) if line == ""]
+    assert len(bands) == math.ceil(len(session.records) / per_band)
+    for band, start in enumerate(bands):
+        for offset, record in enumerate(session.records[band * per_band : (band + 1) * per_band]):
+            left = 4 + offset * GRID_CELL
+            lens = session.lens(record.index)
+            for layer in range(len(lens)):
+                assert lines[start + 2 + layer][left : left + GRID_CELL - 1].rstrip() == \
+                    clip(visible(lens[layer].top[0].text), GRID_CELL - 1).rstrip()

@@ -323,6 +323,16 @@ class TensorsExported:
         return f"wrote {len(self.names)} tensors ({self.written:,} bytes) to {self.path}, described in {self.sidecar}"
 
 
+def tensors_folder(folder: str) -> None:
+    """Make ``--tensors DIR`` (and its parents) before the model loads, so a path that cannot be written costs
+    nothing; ``TracerError`` in one line when it cannot be."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TracerError(f"cannot make the tensors folder {folder}: {error.strerror or error}") from None
+    output_target(tensors_path(folder, 0))
+
+
 def tensors_path(folder: str, index: int) -> str:
     """Where ``--tensors DIR`` puts generated token ``index``'s file."""
     return str(Path(folder) / f"step-{index:05d}.safetensors")
