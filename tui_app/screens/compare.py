@@ -8,15 +8,11 @@ import math
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
-from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Vertical, VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Label, Static
 
 from tracer.compare import LineComparison
 from tracer.lens_grid import clip
 from tracer.token_text import visible
+from tui_app.screens.reading import ReadingScreen
 
 TOKEN = 10  # cells of a token in the tables
 
@@ -81,28 +77,13 @@ def steps_table(c: LineComparison, a: str, b: str) -> Table:
     return table
 
 
-class CompareScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape,q", "close", "Close")]
-
+class CompareScreen(ReadingScreen):
     def __init__(self, comparison: LineComparison, a: str, b: str) -> None:
-        super().__init__()
-        self.comparison, self.a, self.b = comparison, a, b
-
-    def compose(self) -> ComposeResult:
-        c = self.comparison
-        parts = [summary(c, self.a, self.b)]
-        if c.layers:
-            parts += [Text(""), layers_table(c, self.a, self.b)]
-        if c.steps:
-            parts += [Text(""), steps_table(c, self.a, self.b)]
-        with Vertical(id="dialog", classes="wide"):
-            yield Label(f"{self.a} ({c.a_steps} tokens) and {self.b} ({c.b_steps} tokens)", classes="title")
-            with VerticalScroll(id="help-body"):
-                yield Static(Group(*parts))
-            yield Label("↑ ↓ PageUp PageDown scroll · Escape closes", classes="muted")
-
-    def on_mount(self) -> None:
-        self.query_one("#help-body").focus()
-
-    def action_close(self) -> None:
-        self.dismiss(None)
+        parts = [summary(comparison, a, b)]
+        if comparison.layers:
+            parts += [Text(""), layers_table(comparison, a, b)]
+        if comparison.steps:
+            parts += [Text(""), steps_table(comparison, a, b)]
+        super().__init__(f"{a} ({comparison.a_steps} tokens) and {b} ({comparison.b_steps} tokens)", Group(*parts),
+                         "↑ ↓ PageUp PageDown scroll · Escape closes", wide=True)
+        self.comparison = comparison

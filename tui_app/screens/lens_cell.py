@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from rich.table import Table
 from rich.text import Text
-from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Vertical, VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Label, Static
 
 from tracer.records import StepRecord
 from tracer.token_text import visible
 from tui_app.formatting import bar
+from tui_app.screens.reading import ReadingScreen
 
 
 def cell_body(record: StepRecord, layer: int) -> Table:
@@ -44,21 +40,9 @@ def cell_body(record: StepRecord, layer: int) -> Table:
     return table
 
 
-class LensCellScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape,enter,q", "close", "Close")]
-
+class LensCellScreen(ReadingScreen):
     def __init__(self, record: StepRecord, layer: int, token: str) -> None:
-        super().__init__()
-        self.record, self.lens_layer, self.token = record, layer, token
-
-    def compose(self) -> ComposeResult:
-        last = self.record.lens is not None and self.lens_layer == len(self.record.lens) - 1
-        where = "the model's output" if last else f"layer {self.lens_layer}"
-        with Vertical(id="dialog"):
-            yield Label(f"Token #{self.record.index} {self.token} · {where}", classes="title")
-            with VerticalScroll(id="help-body"):
-                yield Static(cell_body(self.record, self.lens_layer))
-            yield Label("● the token finally chosen · Escape closes", classes="muted")
-
-    def action_close(self) -> None:
-        self.dismiss(None)
+        last = record.lens is not None and layer == len(record.lens) - 1
+        where = "the model's output" if last else f"layer {layer}"
+        super().__init__(f"Token #{record.index} {token} · {where}", cell_body(record, layer),
+                         "● the token finally chosen · Escape closes")

@@ -13,6 +13,7 @@ probability and entropy over the whole reply.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 from rich.segment import Segment
 from rich.style import Style
@@ -43,6 +44,7 @@ AGREES = Style(italic=True)
 
 
 def shade_style(metric: Metric, value: float) -> Style:
+    """The cell's colours: the metric's shade of ``value``, in ten steps from LOW to HIGH."""
     return SHADES[min(9, max(0, round(metric.shade(value) * 9)))]
 
 
@@ -63,7 +65,7 @@ class LensGrid(ScrollView, can_focus=False):
             super().__init__()
             self.index, self.cursor = index, layer
 
-    def __init__(self, token_text=None, *, id: str | None = None) -> None:
+    def __init__(self, token_text: Callable[[int], str] | None = None, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.token_text = token_text or (lambda position: "")
         self.records: list[StepRecord] = []
@@ -196,7 +198,8 @@ class GridPane(Vertical):
     GridPane #grid-cell { height: 1; color: $text-muted; }
     """
 
-    def __init__(self, token_text=None, *, id: str | None = None, classes: str | None = None) -> None:
+    def __init__(self, token_text: Callable[[int], str] | None = None, *, id: str | None = None,
+                 classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self._token_text = token_text
         self.border_title = "Lens grid"
