@@ -20,7 +20,8 @@ from tracer.session import TraceSession
 from tui_app.app import KvtraceApp
 from tui_app.screens.compare import CompareScreen
 
-VIEW_KEYS = {"topk": ["1"], "attention": ["2"], "lens": ["3"], "grid": ["4"], "heads": ["2", "a", "a"],
+VIEW_KEYS = {"topk": ["1"], "attention": ["2"], "lens": ["3"], "grid": ["4"],
+             "heads": ["2", "a", "a", *["right_square_bracket"] * 8],  # layer 8's heads: layer 0 looks everywhere
              "compare": []}  # the keys that show each view (compare: see ``_compare``)
 
 

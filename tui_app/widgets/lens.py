@@ -13,6 +13,8 @@ caches it).
 
 from __future__ import annotations
 
+import textwrap
+
 from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
@@ -24,6 +26,7 @@ from tui_app.formatting import signed_bar
 
 PLACEHOLDER = "Select a generated token to see the per-layer lens."
 BAR_HALF = 2  # cells on each side of an attribution bar's centre
+NEXT_ROOM = 50  # content cells from which the next candidates show beside the attribution bars
 
 
 def rows_to_show(count: int, room: int, settle: int | None) -> list[int]:
@@ -76,18 +79,22 @@ class LensPane(Static):
             return
         settle = settling_layer(layers, record.token_id)
         settle_row = next((i for i, layer in enumerate(layers) if layer.layer == settle), None)
-        shown = rows_to_show(len(layers), max(self.content_region.height - 1, 3), settle_row)
+        bars, caption = bars_of(record.attribution, len(layers))
+        caption_lines = len(textwrap.wrap(caption, max(self.content_region.width, 1))) if caption else 0
+        shown = rows_to_show(len(layers), max(self.content_region.height - 1 - caption_lines, 3), settle_row)
         count = "" if len(shown) == len(layers) else f" · {len(shown)} of {len(layers)} layers"
         self.border_title = (f"Lens · #{record.index}" + (f" · settles at layer {settle}" if settle is not None else "")
                              + count)
-        table = Table(box=None, padding=(0, 1), expand=True, show_edge=False, header_style="bold")
+        table = Table(box=None, padding=(0, 1), expand=True, show_edge=False, header_style="bold", caption=caption)
         table.add_column("L", justify="right", no_wrap=True)
-        table.add_column("top-1", ratio=2, no_wrap=True, overflow="ellipsis")
+        table.add_column("top-1", ratio=2, no_wrap=True, overflow="ellipsis", min_width=6)
         table.add_column("p", justify="right", no_wrap=True)
-        bars, table.caption = bars_of(record.attribution, len(layers))
         for title in bars:
             table.add_column(title, no_wrap=True)
-        table.add_column("next", ratio=3, no_wrap=True, overflow="ellipsis")
+        # the next candidates only where they fit beside the bars, so the top-1 stays readable
+        show_next = not bars or self.content_region.width >= NEXT_ROOM
+        if show_next:
+            table.add_column("next", ratio=3, no_wrap=True, overflow="ellipsis")
         for row in shown:
             layer = layers[row]
             best = layer.top[0]
@@ -97,7 +104,8 @@ class LensPane(Static):
             rest = "  ".join(f"{visible(c.text)} {c.prob:.2f}" for c in layer.top[1:4])
             table.add_row(Text(f"{mark}{layer.layer}", style="bold" if mark != " " else "dim"),
                           Text(visible(best.text), style=style), Text(f"{best.prob:.3f}", style=style),
-                          *(column[layer.layer] for column in bars.values()), Text(rest, style="dim"))
+                          *(column[layer.layer] for column in bars.values()),
+                          *([Text(rest, style="dim")] if show_next else []))
         self.update(table)
 
 
