@@ -57,6 +57,7 @@ def direct_forward(session: TraceSession, position: int) -> dict[str, torch.Tens
             "final": seen["final"][0], "logits": output.logits[0, -1], "norm": norm}
 
 
+@torch.no_grad()
 def frozen_norm_share(norm: torch.nn.Module, part: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
     """``part`` through the final norm with the scale the whole ``stream`` gave it, without the norm's bias:
     RMSNorm ``w * x / rms(stream)``, LayerNorm ``w * (x - mean x) / std(stream)``."""
@@ -67,7 +68,7 @@ def frozen_norm_share(norm: torch.nn.Module, part: torch.Tensor, stream: torch.T
 
 def test_attribution_matches_a_direct_computation_and_sums_to_the_logit(traced):
     session = traced
-    head = session.loaded.model.get_output_embeddings().weight
+    head = session.loaded.model.get_output_embeddings().weight.detach()
     for record in session.records:
         attribution = session.attribution(record.index)
         assert attribution is not None

@@ -56,13 +56,13 @@ def step_tensors(record: StepRecord, tensors: StepTensors, logits: torch.Tensor 
         out["logits"] = logits
     evidence = record.attention
     if evidence is not None:
-        out["attention_positions"] = torch.from_numpy(evidence.positions.array)
-        out["attention_mean"] = torch.from_numpy(evidence.mean.array)
-        out["attention_layer_positions"] = torch.from_numpy(evidence.per_layer.positions)
-        out["attention_layer_weights"] = torch.from_numpy(evidence.per_layer.weights)
+        out["attention_positions"] = torch.tensor(evidence.positions.array)
+        out["attention_mean"] = torch.tensor(evidence.mean.array)
+        out["attention_layer_positions"] = torch.tensor(evidence.per_layer.positions)
+        out["attention_layer_weights"] = torch.tensor(evidence.per_layer.weights)
         if evidence.per_head is not None:
-            out["attention_head_positions"] = torch.from_numpy(evidence.per_head.positions)
-            out["attention_head_weights"] = torch.from_numpy(evidence.per_head.weights)
+            out["attention_head_positions"] = torch.tensor(evidence.per_head.positions)
+            out["attention_head_weights"] = torch.tensor(evidence.per_head.weights)
     return {name: (t.float() if t.is_floating_point() else t.to(torch.int32)).detach().cpu().contiguous()
             for name, t in out.items()}
 

@@ -91,7 +91,9 @@ class LensGrid(ScrollView, can_focus=False):
         self._resize()
 
     def _resize(self) -> None:
-        self.virtual_size = Size(LABEL + CELL * len(self.records), self.num_layers + 1)
+        # blank room after the last column, so that scrolling to the end stops on whole columns too
+        spare = (self.scrollable_content_region.width - LABEL - CELL * len(self.records)) % CELL
+        self.virtual_size = Size(LABEL + CELL * len(self.records) + spare, self.num_layers + 1)
         self.refresh()
 
     def select(self, index: int | None) -> None:
@@ -127,8 +129,8 @@ class LensGrid(ScrollView, can_focus=False):
             room = max(region.width - LABEL, CELL)
             if left < x:
                 x = left
-            elif left + CELL > x + room:
-                x = left + CELL - room
+            elif left + CELL > x + room:  # whole columns on the left: the first one is never cut
+                x = -(-(left + CELL - room) // CELL) * CELL
         rows = max(region.height - 1, 1)
         if self.cursor < y:
             y = self.cursor
@@ -137,6 +139,7 @@ class LensGrid(ScrollView, can_focus=False):
         self.scroll_to(x, y, animate=False, immediate=True)
 
     def on_resize(self) -> None:
+        self._resize()
         self.call_after_refresh(self._scroll_to_cursor)
         self.post_message(self.Scrolled())  # shown, or resized: other columns are in view
 
