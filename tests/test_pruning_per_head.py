@@ -150,3 +150,66 @@ def test_the_preview_kl_is_the_kl_of_pruning_and_stepping_and_touches_nothing(ti
         assert [token for token, _ in row.top] == torch.topk(stepped, 5).indices.tolist()
         assert row.entries == 12 and len(row.dropped) > 0
     assert all(torch.equal(a, b) for a, b in zip(state.keys, keys_before))
+
+
+def kvtrace_here(capsys, *args: object):
+    from tui_app.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tiny_llama_dir, tmp_path_factory):
+    loaded, state, _ = tiny
+    state.fingerprint = loaded.fingerprint
+    path = tmp_path_factory.mktemp("saved") / "s.kvs"
+    snapshot.save(state, path)
+    return path
+
+
+def test_prune_preview_prints_every_method_and_writes_nothing(saved, tiny_llama_dir, capsys):
+    before = set(saved.parent.iterdir())
+    code, out, err = kvtrace_here(capsys, "prune", saved, "--budget", 12, "--preview", "--model", tiny_llama_dir)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("budget 12 entries of 49; next token with the full cache: ")
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert set(rows) == set(METHODS)
+    for name, line in rows.items():
+        kept, kl, top1 = line.split()[1:4]
+        assert kept == "12" and float(kl) > 0 and top1 in ("same", "CHANGED") and "/5 kept:" in line, line
+    assert set(saved.parent.iterdir()) == before
+
+
+def test_prune_with_a_window_method_loads_the_model_and_writes_a_per_head_snapshot(saved, tiny_llama_dir,
+                                                                                   tmp_path, capsys):
+    code, out, err = kvtrace_here(capsys, "prune", saved, "-o", tmp_path / "p.kvs", "--method", "head_expected",
+                                  "--budget", 12, "--model", tiny_llama_dir)
+    assert code == 0, err
+    assert "after:  12 entries per KV head" in out
+    assert snapshot.load(tmp_path / "p.kvs").per_head
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--method", "nope", "--budget", "8", "-o", "x.kvs"], "invalid choice: 'nope'"),
+    (["--method", "head_heavy_hitters", "--budget", "2", "-o", "x.kvs"], "budget 2 is smaller than the sinks"),
+    (["--method", "head_heavy_hitters", "--budget", "-1", "-o", "x.kvs"], "budget must be zero or more"),
+    (["--budget", "0", "--preview"], "--budget must be at least 1"),
+    (["--preview"], "--preview needs --budget"),
+    (["--method", "head_heavy_hitters", "--budget", "8"], "give -o OUT"),
+])
+def test_bad_prune_arguments_are_one_line_and_exit_2(saved, capsys, args, fragment):
+    code, out, err = kvtrace_here(capsys, "prune", saved, *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
+
+
+def test_help_lists_every_method_with_one_line(capsys):
+    code, text, _ = kvtrace_here(capsys, "prune", "--help")
+    assert code == 0
+    for name, method in METHODS.items():
+        assert f"\n  {name}: {method.keeps.split()[0]}" in text
