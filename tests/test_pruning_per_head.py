@@ -147,7 +147,7 @@ def test_the_preview_kl_is_the_kl_of_pruning_and_stepping_and_touches_nothing(ti
         assert row.kl == pytest.approx(kl_divergence(full, stepped), abs=1e-5)
         assert row.kl > 1e-4  # dropping 37 of 49 entries changes a random model's next token
         assert row.top1_kept == (int(full.argmax()) == int(stepped.argmax()))
-        assert [token for token, _ in row.top] == torch.topk(stepped, 5).indices.tolist()
+        assert [c.token_id for c in row.top] == torch.topk(stepped, 5).indices.tolist()
         assert row.entries == 12 and len(row.dropped) > 0
     assert all(torch.equal(a, b) for a, b in zip(state.keys, keys_before))
 

@@ -21,6 +21,7 @@ from kvstore.state import KVState
 from tracer.engine import Engine
 from tracer.loading import LoadedModel
 from tracer.observation import observed_for
+from tracer.records import Candidate
 
 TOP = 5
 
@@ -33,7 +34,7 @@ class MethodPreview:
     entries: int = 0  # entries kept per head (the longest layer's)
     kl: float = 0.0  # KL(full || pruned) of the next-token distribution, nats
     top1_kept: bool = True
-    top: tuple[tuple[int, float], ...] = ()  # (token id, probability), most likely first
+    top: tuple[Candidate, ...] = ()  # most likely first
     dropped: tuple[int, ...] = ()  # positions no layer or head keeps any more
     error: str | None = None
 
@@ -41,7 +42,7 @@ class MethodPreview:
 @dataclass(frozen=True)
 class PrunePreview:
     budget: int
-    full_top: tuple[tuple[int, float], ...]
+    full_top: tuple[Candidate, ...]
     methods: tuple[MethodPreview, ...]
 
 
@@ -78,11 +79,11 @@ def preview(loaded: LoadedModel, state: KVState, budget: int, *, sinks: int = DE
         kept = set(pruned.positions)
         rows.append(MethodPreview(
             name, entries=max(pruned.layer_length(layer) for layer in range(pruned.num_layers)),
-            kl=kl_divergence(full, after), top1_kept=int(full.argmax()) == int(after.argmax()), top=_top(after),
+            kl=kl_divergence(full, after), top1_kept=int(full.argmax()) == int(after.argmax()), top=_top(loaded, after),
             dropped=tuple(p for p in state.positions if p not in kept)))
-    return PrunePreview(budget, _top(full), tuple(rows))
+    return PrunePreview(budget, _top(loaded, full), tuple(rows))
 
 
-def _top(log_probs: torch.Tensor) -> tuple[tuple[int, float], ...]:
+def _top(loaded: LoadedModel, log_probs: torch.Tensor) -> tuple[Candidate, ...]:
     values, ids = torch.topk(log_probs.exp(), TOP)
-    return tuple(zip(ids.tolist(), values.tolist()))
+    return tuple(Candidate(i, loaded.tokenizer.decode([i]), p) for i, p in zip(ids.tolist(), values.tolist()))

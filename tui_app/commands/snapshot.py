@@ -160,7 +160,7 @@ def _prune_preview(args: argparse.Namespace) -> int:
     sinks = DEFAULT_SINKS if args.sinks is None else args.sinks
     result = preview(loaded, state, args.budget, sinks=sinks,
                      span=tuple(args.drop_span) if args.drop_span is not None else None)
-    print("\n".join(preview_lines(result, lambda token: loaded.tokenizer.decode([token]), state.cache_length)))
+    print("\n".join(preview_lines(result, state.cache_length)))
     return 0
 
 
