@@ -87,9 +87,10 @@ class PruneSpec:
     ``method`` None with a ``span`` only drops the span (e.g. one chat turn).
     ``recent`` defaults to ``budget - sinks`` for sinks_recent, a quarter of
     the budget for heavy_hitters and none for the per-head methods (each head
-    keeps the recent entries it needs; protecting a window cost perplexity on
-    SmolLM2, README "Pruning"). ``window``: the queries the window methods
-    observe, by default as many as the budget.
+    keeps the recent entries it ranks high; on the issue's text a protected
+    window cost perplexity, on others it helped: README, "Per-head pruning").
+    ``window``: the queries the window methods observe, by default as many as
+    the budget.
     """
 
     method: str | None
@@ -123,6 +124,11 @@ class PruneSpec:
     @property
     def needs(self) -> Needs:
         return "nothing" if self.method is None else METHODS[self.method].needs
+
+    @property
+    def runs_model(self) -> bool:
+        """Whether the method scores entries with a forward of the last queries (it needs the model)."""
+        return self.needs in ("window", "expected")
 
     @property
     def recent_entries(self) -> int:
@@ -209,7 +215,7 @@ class PruneSpec:
 
     def _head_scores(self, state: KVState, observed: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Per layer ``(kv_heads, n_l)``: how much each head needs each entry (higher: keep)."""
-        if self.needs in ("window", "expected"):
+        if self.runs_model:
             if observed is None:
                 raise PruneError(f"{self.method} needs what the last queries attend to: prune through kvtrace "
                                  "(it runs one forward of the window), not kvstore alone")

@@ -26,6 +26,7 @@ from kvstore.errors import PruneError
 from kvstore.pruning import DEFAULT_SINKS as SINKS
 from kvstore.pruning import POOL, PruneSpec
 from kvstore.state import KVState
+from tracer.attention_hook import Recorder
 from tracer.capture import ForwardCapture
 from tracer.engine import Engine
 from tracer.loading import LoadedModel
@@ -97,7 +98,7 @@ def expected_scores(loaded: LoadedModel, state: KVState, window: int) -> list[to
     return scores
 
 
-def _replay_window(loaded: LoadedModel, state: KVState, window: int, recorder) -> int:
+def _replay_window(loaded: LoadedModel, state: KVState, window: int, recorder: Recorder) -> int:
     """Feed the last ``window`` queries (at most; fewer when the heads do not all hold the last entries)
     with ``recorder`` seeing every layer; the number of queries fed."""
     refed = min(window - 1, state.cache_length)

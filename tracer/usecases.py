@@ -219,7 +219,7 @@ class Pruned:
 
 def prune_state(state: KVState, spec: PruneSpec, loaded: LoadedModel | None = None) -> Pruned:
     """``state`` pruned by ``spec``; the window methods run one forward on ``loaded`` (required for them)."""
-    if spec.needs in ("window", "expected"):
+    if spec.runs_model:
         if loaded is None:
             raise PruneError(f"{spec.method} runs the model on the last queries: load it (kvtrace prune loads the "
                              "snapshot's model, or --model)")

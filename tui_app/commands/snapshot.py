@@ -127,7 +127,7 @@ def _prune(args: argparse.Namespace) -> int:
         raise PruneError("give -o OUT, the pruned snapshot to write (or --preview to only look)")
     usecases.check_output(args.output)
     info = usecases.read_info(args.file)
-    loaded = _snapshot_model(args, info) if spec.needs in ("window", "expected") else None
+    loaded = _snapshot_model(args, info) if spec.runs_model else None
     state = usecases.read_state(args.file, max_bytes=args.max_memory)
     result = usecases.prune_state(state, spec, loaded)
     saved = usecases.save_state(result.state, args.output, args.codec or info.codec, parent=args.file)
