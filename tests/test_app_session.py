@@ -200,6 +200,9 @@ async def test_the_prune_dialog_previews_every_method_live_and_prunes_per_head(t
         await pilot.press("p")
         app.screen.query_one("#method").value = "head_heavy_hitters"
         app.screen.query_one("#budget").value = "8"
+        await pilot.pause()
+        button = app.screen.query_one("#submit")
+        assert str(button.label) == "Keep 8 per head" and not button.disabled  # before the preview is in too
         await wait_until(pilot, lambda: app.screen.previewed is not None and app.screen.previewed.budget == 8)
         table = str(app.screen.query_one("#methods").render())
         assert table.startswith("budget 8 entries of") and all(f"\n{name} " in table for name in METHODS), table

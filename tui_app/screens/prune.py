@@ -34,9 +34,9 @@ from tui_app.transcript import marked, stretches
 
 DROP_SPAN = "drop_span"
 CHOICES = [(f"{name}: {method.keeps}", name) for name, method in METHODS.items()]
+CHOICES.append(("drop a span of positions START END (e.g. one chat turn)", DROP_SPAN))
 PREVIEW_DELAY = 0.4  # seconds of quiet typing before the next-token preview is asked for
 PreviewRequest = Callable[[int, int, "tuple[int, int] | None"], None]
-CHOICES.append(("drop a span of positions START END (e.g. one chat turn)", DROP_SPAN))
 
 
 class PruneScreen(FormScreen[PruneSpec | None]):
@@ -143,7 +143,9 @@ class PruneScreen(FormScreen[PruneSpec | None]):
         per_entry = view.kv_bytes / len(view.positions) if view.positions else 0
         if spec.per_head and spec.budget < len(kept):
             self._per_head_preview(spec, len(kept), per_entry)
-        elif self.dropping:
+            self._show_transcript()
+            return
+        if self.dropping:
             label.update(f"Drops {len(self.dropping)} entries (positions {ranges(self.dropping)}, struck through "
                          f"below). After: {len(kept)} entries, about {byte_count(round(per_entry * len(kept)))}; "
                          f"the transcript keeps its {view.context_tokens} tokens.")
