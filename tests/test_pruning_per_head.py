@@ -213,3 +213,66 @@ def test_help_lists_every_method_with_one_line(capsys):
     assert code == 0
     for name, method in METHODS.items():
         assert f"\n  {name}: {method.keeps.split()[0]}" in text
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_llama_dir):
+    """The same tiny model loaded by plain transformers with eager attention (returns its weights)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), attn_implementation="eager",
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+def test_window_scores_are_the_last_queries_attention_pooled(tiny, plain):
+    from tracer.observation import window_scores
+
+    loaded, state, _ = tiny
+    window, group = 8, 2  # 4 query heads share 2 KV heads
+    with torch.no_grad():
+        attentions = plain(input_ids=torch.tensor([state.token_ids]), output_attentions=True).attentions
+    scores = window_scores(loaded, state, window)
+    for layer, weights in enumerate(attentions):
+        rows = weights[0, :, -window:, : state.cache_length]  # the last queries, the pending token's included
+        expected = torch.stack([rows[h * group:(h + 1) * group].mean(dim=(0, 1)) for h in range(2)])
+        padded = torch.nn.functional.pad(expected, (2, 2), value=float("-inf"))
+        pooled = torch.stack([padded[:, i:i + 5].amax(dim=1) for i in range(state.cache_length)], dim=1)
+        assert torch.allclose(scores[layer], pooled, atol=1e-5)
+
+
+def test_expected_scores_follow_the_gaussian_of_the_pre_rope_queries(tiny, plain):
+    """The reference takes the queries before RoPE from the hidden states (the code un-rotates captured ones)."""
+    from tracer.observation import FUTURE, expected_scores
+
+    loaded, state, _ = tiny
+    window, heads, dim = 8, 4, 16
+    with torch.no_grad():
+        hidden = plain(input_ids=torch.tensor([state.token_ids]), output_hidden_states=True).hidden_states
+        future = torch.arange(state.next_position, state.next_position + FUTURE)[None]
+        cos, sin = plain.model.rotary_emb(hidden[0], future)
+    cos, sin = cos[0].mean(dim=0), sin[0].mean(dim=0)
+    half = dim // 2
+    rotation = torch.zeros(dim, dim)
+    for i in range(dim):  # x -> x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
+        rotation[i, i] = cos[i]
+        rotation[i, (i + half) % dim] = -sin[i] if i < half else sin[i]
+    scores = expected_scores(loaded, state, window)
+    for layer, block in enumerate(plain.model.layers):
+        with torch.no_grad():
+            queries = block.self_attn.q_proj(block.input_layernorm(hidden[layer][0, -window:]))
+        queries = queries.view(window, heads, dim)
+        keys, values = state.keys[layer], state.values[layer]
+        for kv_head in range(2):
+            weights = []
+            for head in (2 * kv_head, 2 * kv_head + 1):
+                q = queries[:, head]
+                mean, centred = q.mean(dim=0), q - q.mean(dim=0)
+                covariance = centred.T @ centred / window
+                mean, covariance = rotation @ mean, rotation @ covariance @ rotation.T
+                k = keys[kv_head]
+                logits = k @ mean / dim ** 0.5 + ((k @ covariance) * k).sum(dim=1) / dim / 2
+                logits[:4] = float("-inf")
+                weights.append(logits.softmax(dim=0))
+            expected = (weights[0] + weights[1]) / 2 * values[kv_head].norm(dim=1)
+            assert torch.allclose(scores[layer][kv_head], expected, atol=1e-5, rtol=1e-4)
