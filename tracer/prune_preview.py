@@ -22,6 +22,7 @@ from tracer.engine import Engine
 from tracer.loading import LoadedModel
 from tracer.observation import observed_for
 from tracer.records import Candidate
+from tracer.token_text import token_piece
 
 TOP = 5
 
@@ -86,4 +87,4 @@ def preview(loaded: LoadedModel, state: KVState, budget: int, *, sinks: int = DE
 
 def _top(loaded: LoadedModel, log_probs: torch.Tensor) -> tuple[Candidate, ...]:
     values, ids = torch.topk(log_probs.exp(), TOP)
-    return tuple(Candidate(i, loaded.tokenizer.decode([i]), p) for i, p in zip(ids.tolist(), values.tolist()))
+    return tuple(Candidate(i, token_piece(loaded.tokenizer, i), p) for i, p in zip(ids.tolist(), values.tolist()))
