@@ -122,7 +122,7 @@ class PruneScreen(FormScreen[PruneSpec | None]):
         if event.preview is None:
             methods.update(Text(f"No preview: {event.error}", style="red"))
         else:
-            methods.update("\n".join(preview_lines(event.preview, len(self.view.positions))))
+            methods.update("\n".join(preview_lines(event.preview, len(self.view.positions), wide=False)))
         self._preview()
 
     def _preview(self) -> None:
