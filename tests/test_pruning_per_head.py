@@ -191,6 +191,8 @@ def test_prune_with_a_window_method_loads_the_model_and_writes_a_per_head_snapsh
     assert code == 0, err
     assert "after:  12 entries per KV head" in out
     assert snapshot.load(tmp_path / "p.kvs").per_head
+    code, out, err = kvtrace_here(capsys, "info", tmp_path / "p.kvs")
+    assert code == 0 and "per head: each KV head keeps its own 12 entries" in out, err
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
