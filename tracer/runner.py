@@ -39,6 +39,7 @@ from tracer.events import (
     Opened,
     OpenFailed,
     Progress,
+    PrunePreviewed,
     RunEnded,
     SessionView,
     Stepped,
@@ -83,6 +84,7 @@ class SessionRunner:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._run_id = 0
         self._cancel = threading.Event()
+        self._preview_wanted: tuple | None = None  # the latest prune preview asked for (older ones are skipped)
         self._lens_wanted: int | None = None
         self._open_error: BaseException | None = None
         self._lines = LineNumbers()
@@ -294,6 +296,24 @@ class SessionRunner:
                 self._emit(TaskEnded("lens", f"the lens could not be computed: {self._explain(error)}", error=True))
                 return
             self._emit(LensReady(index, layers))
+
+        self._jobs.put(run)
+
+    def preview_prune(self, budget: int, sinks: int, span: tuple[int, int] | None) -> None:
+        """Preview every pruning method at ``budget`` (PrunePreviewed), unless a newer request supersedes it
+        first; the session is not changed (the preview prunes copies)."""
+        wanted = (budget, sinks, span)
+        self._preview_wanted = wanted
+
+        def run() -> None:
+            if self._preview_wanted != wanted or self._session is None:
+                return
+            try:
+                result = usecases.preview_prune(self._session, budget, sinks, span)
+            except Exception as error:
+                self._emit(PrunePreviewed(budget, sinks, span, None, self._explain(error)))
+                return
+            self._emit(PrunePreviewed(budget, sinks, span, result))
 
         self._jobs.put(run)
 
