@@ -102,7 +102,8 @@ def reference_load(path: Path) -> list[torch.Tensor]:
 
     One record after another on one thread: read the whole frame, checksum it,
     decompress it through a stream into a new buffer, unshuffle it by
-    transposing the whole byte matrix.
+    transposing the whole byte matrix. Records 0.1 did not have (the trace a
+    snapshot now carries) are read, checked and decoded, then left aside.
     """
     tensors = []
     with open(path, "rb") as f:
@@ -118,6 +119,8 @@ def reference_load(path: Path) -> list[torch.Tensor]:
             with decompressor.stream_reader(io.BytesIO(frame), read_across_frames=False) as reader:
                 while filled < spec.decoded and (n := reader.readinto(view[filled:])):
                     filled += n
+            if spec.kind not in ("key", "value"):
+                continue  # the trace (and per-head tables): 0.1 files had none, its bytes are read and checked
             store = header.codec.store or header.dtype
             size = torch.empty((), dtype=store).element_size()
             planes = torch.frombuffer(out, dtype=torch.uint8).reshape(size, -1)

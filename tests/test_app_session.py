@@ -187,3 +187,31 @@ async def test_branch_and_back_on_a_real_session(tiny):
         await pilot.press("B")
         await wait_idle(pilot)
         assert [r.token_id for r in app.timeline.records] == original
+
+
+async def test_the_prune_dialog_previews_every_method_live_and_prunes_per_head(tiny):
+    from kvstore.pruning import METHODS
+
+    session = new_session(tiny)
+    app = KvtraceApp(session)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await send(pilot, "The quick brown fox jumps over the lazy dog.")
+        before = session.export_state()
+        await pilot.press("p")
+        app.screen.query_one("#method").value = "head_heavy_hitters"
+        app.screen.query_one("#budget").value = "8"
+        await pilot.pause()
+        button = app.screen.query_one("#submit")
+        assert str(button.label) == "Keep 8 per head" and not button.disabled  # before the preview is in too
+        await wait_until(pilot, lambda: app.screen.previewed is not None and app.screen.previewed.budget == 8)
+        table = str(app.screen.query_one("#methods").render())
+        assert table.startswith("Next token with the full cache: ") and all(f"\n{name} " in table for name in METHODS)
+        assert table.count(" KL ") == len(METHODS) and table.count(" of the top 5 stay") == len(METHODS), table
+        assert app.screen.dropping  # positions no head keeps, struck through on the transcript
+        assert session.export_state().positions == before.positions  # the preview pruned a copy
+        app.screen.query_one("#budget").focus()
+        await pilot.press("enter", "enter")
+        await wait_idle(pilot)
+        state = session.export_state()
+        assert state.per_head and all(k.shape[1] == 8 for k in state.keys)
+        assert state.next_position == before.next_position

@@ -64,7 +64,7 @@ def test_a_store_restore_continues_like_the_uninterrupted_run(tiny, tmp_path):
 
 
 def test_a_pruned_store_restore_continues_like_the_pruned_state_in_memory(tiny, tmp_path):
-    """(Per-head pruned states round-trip bit for bit in test_store.py; this engine does not generate from them.)"""
+    """Shared-position prunes; per-head prunes continue exactly through the store in test_pruning_per_head.py."""
     session = TraceSession(tiny)
     session.start_turn("Why is the sky blue? Because of Rayleigh scattering of sunlight.")
     session.generate(6)

@@ -116,7 +116,7 @@ class Engine:
             self.mode = None
 
     @contextlib.contextmanager
-    def _capturing(self, recorder: ForwardCapture | None) -> Iterator[dict]:
+    def _capturing(self, recorder: attention_hook.Recorder | None) -> Iterator[dict]:
         """The forward's extra arguments, with the capture in place when ``recorder`` is given."""
         if recorder is None:
             yield {}
@@ -129,7 +129,7 @@ class Engine:
                 yield {"output_attentions": True}
 
     # -------------------------------------------------------------- forward
-    def _forward(self, ids: list[int], positions: list[int], recorder: ForwardCapture | None, *,
+    def _forward(self, ids: list[int], positions: list[int], recorder: attention_hook.Recorder | None, *,
                  hidden: bool = False, all_logits: bool = False):
         """Feed ``ids`` at original ``positions`` on top of the cache (not settled: ``take_back`` can undo it).
 
@@ -250,6 +250,15 @@ class Engine:
         windows = kv_adapter.layer_windows(self._cache)
         self.layout = CacheLayout.from_state(state, windows, self._devices, self.heads)
         self.next_position = state.next_position
+
+    def observe(self, ids: list[int], positions: list[int], recorder: attention_hook.Recorder) -> bool:
+        """Feed ``ids`` at ``positions`` with ``recorder`` given every layer's attention inputs, then take the
+        forward back (the cache is left as it was). False when attention cannot be captured in place."""
+        if self.mode != "hook":
+            return False
+        self._forward(ids, positions, recorder)
+        kv_adapter.take_back(self._cache, len(ids))
+        return True
 
     def logits_after(self, ids: list[int], first_position: int) -> torch.Tensor:
         """Logits at every fed position, ``(len(ids), vocab)``: teacher forcing over the cache (left as it was)."""

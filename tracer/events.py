@@ -10,12 +10,16 @@ worker is changing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvstore.state import ModelFingerprint
 from tracer.lines import LineNumbers, LineSummary
 from tracer.protocol import Session
 from tracer.compare import LineComparison
 from tracer.records import StepRecord
+
+if TYPE_CHECKING:  # the preview's module imports torch; the UI reads these events without it
+    from tracer.prune_preview import PrunePreview
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,17 @@ class Compared:
 
 
 @dataclass(frozen=True)
+class PrunePreviewed:
+    """What every pruning method at ``budget`` would do to the next token (``error``: why there is no preview)."""
+
+    budget: int
+    sinks: int
+    span: tuple[int, int] | None
+    preview: PrunePreview | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class TaskProgress:
     """``done`` of ``total`` items of a long task (the export's lens)."""
 
@@ -183,5 +198,5 @@ class AutoSaved:
     view: SessionView | None = None  # the session now (saved: ``unsaved`` is False), when the save succeeded
 
 
-Event = (Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | Compared
+Event = (Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | Compared | PrunePreviewed
          | TaskProgress | TaskEnded | AutoSaved)

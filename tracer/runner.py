@@ -41,6 +41,7 @@ from tracer.events import (
     Opened,
     OpenFailed,
     Progress,
+    PrunePreviewed,
     RunEnded,
     SessionView,
     Stepped,
@@ -91,6 +92,7 @@ class SessionRunner:
         self._lens_wanted: tuple[int, ...] = ()  # replaced whole by the caller, thinned by the worker
         self._lens_request = threading.Lock()  # guards _lens_wanted between the two
         self._lens_queued = False
+        self._preview_wanted: tuple | None = None  # the latest prune preview asked for (older ones are skipped)
         self._open_error: BaseException | None = None
         self._lines = LineNumbers()
         self._version = 0  # bumped by every change to the session
@@ -369,6 +371,24 @@ class SessionRunner:
         """Record ``index``'s tensors to ``path`` (.safetensors) and its JSON sidecar."""
         self._task("tensors", lambda session: usecases.export_tensors(session, index, path).describe(),
                    changes_session=False)
+
+    def preview_prune(self, budget: int, sinks: int, span: tuple[int, int] | None) -> None:
+        """Preview every pruning method at ``budget`` (PrunePreviewed), unless a newer request supersedes it
+        first; the session is not changed (the preview prunes copies)."""
+        wanted = (budget, sinks, span)
+        self._preview_wanted = wanted
+
+        def run() -> None:
+            if self._preview_wanted != wanted or self._session is None:
+                return
+            try:
+                result = usecases.preview_prune(self._session, budget, sinks, span)
+            except Exception as error:
+                self._emit(PrunePreviewed(budget, sinks, span, None, self._explain(error)))
+                return
+            self._emit(PrunePreviewed(budget, sinks, span, result))
+
+        self._jobs.put(run)
 
     # ------------------------------------------------------------------- tasks
     def _task(self, name: str, job: Callable[[Session], str], *, changes_session: bool) -> None:

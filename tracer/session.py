@@ -32,7 +32,7 @@ from tracer.loading import LoadedModel
 from tracer.records import Attribution, LensLayer, StepRecord
 from tracer.residual import StepTensors
 from tracer.sampling import SamplingSettings, choose_token, make_generator
-from tracer.token_text import stored_piece
+from tracer.token_text import token_piece
 DECODER_CONTEXT = 4  # tokens before a reply that seed its incremental decoder
 CONTINUABLE = ("max_tokens", "cancelled")  # stop reasons after which ``generate`` goes on
 
@@ -265,8 +265,7 @@ class TraceSession:
         """A token's text on its own, memoized: top-k lists and the lens ask for the same ids over and over."""
         text = self._pieces.get(token_id)
         if text is None:
-            decoded = self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            text = stored_piece(decoded, self._tokenizer.convert_ids_to_tokens(token_id))
+            text = token_piece(self._tokenizer, token_id)
             self._pieces[token_id] = text
         return text
 

@@ -59,6 +59,12 @@ def stored_piece(decoded: str, vocab_piece: str | None) -> str:
     return decoded if data is None else escape_fragments(data)
 
 
+def token_piece(tokenizer, token_id: int) -> str:
+    """The stored text of token ``token_id`` on its own, from a transformers tokenizer."""
+    decoded = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return stored_piece(decoded, tokenizer.convert_ids_to_tokens(token_id))
+
+
 def visible(text: str) -> str:
     """One printable line for a token piece: ``∅`` for nothing, ``␣`` for bare spaces, ``⏎`` for newlines."""
     if text == "":

@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from kvstore.atomic import atomic_writer, output_target
 from kvstore.errors import PruneError, SnapshotError
 from kvstore.format import DEFAULT_CODEC
-from kvstore.pruning import PruneSpec
+from kvstore.pruning import DEFAULT_SINKS, PruneSpec
 from kvstore.snapshot import SnapshotInfo
 from kvstore.state import KVState
 from kvstore.store import Collected, EntryInfo, Store, default_store_path
@@ -33,6 +33,9 @@ from tracer.errors import SettingsError, TracerError
 from tracer.loading import EMBEDDED_NAME, LoadedModel, load_model, quiet_transformers
 from tracer.protocol import Session
 from tracer.sampling import SamplingSettings
+
+if TYPE_CHECKING:
+    from tracer.prune_preview import PrunePreview
 
 Progress = Callable[[str], None]
 MAX_TOP_K = 1000  # candidates recorded per step and lens layer; more only bloats every record
@@ -214,8 +217,17 @@ class Pruned:
                 "tokens")
 
 
-def prune_state(state: KVState, spec: PruneSpec) -> Pruned:
-    pruned = spec.apply(state)
+def prune_state(state: KVState, spec: PruneSpec, loaded: LoadedModel | None = None) -> Pruned:
+    """``state`` pruned by ``spec``; the window methods run one forward on ``loaded`` (required for them)."""
+    if spec.runs_model:
+        if loaded is None:
+            raise PruneError(f"{spec.method} runs the model on the last queries: load it (kvtrace prune loads the "
+                             "snapshot's model, or --model)")
+        from tracer.prune_preview import pruned_state
+
+        pruned = pruned_state(loaded, state, spec)
+    else:
+        pruned = spec.apply(state)
     return Pruned(spec, state.cache_length, pruned.cache_length, state.nbytes, pruned.nbytes,
                   len(state.token_ids), pruned)
 
@@ -241,9 +253,19 @@ def _keeping_stop_reason(session: Session, state: KVState) -> None:
 def prune(session: Session, spec: PruneSpec) -> SessionPruned:
     """Prune the session's cache in place (its trace and records stay: only the cache changes)."""
     before = session.export_state()
-    result = prune_state(before, spec)
+    result = prune_state(before, spec, session.loaded)
     _keeping_stop_reason(session, result.state)
     return SessionPruned(result, before)
+
+
+def preview_prune(session: Session, budget: int, sinks: int = DEFAULT_SINKS,
+                  span: tuple[int, int] | None = None) -> PrunePreview:
+    """What every method at ``budget`` would do to the session's next token; the session is not touched."""
+    from tracer.prune_preview import preview
+
+    if not session.token_ids:
+        raise PruneError("there is nothing to preview yet: start a turn first")
+    return preview(session.loaded, session.export_state(), budget, sinks=sinks, span=span)
 
 
 @dataclass(frozen=True)

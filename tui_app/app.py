@@ -235,6 +235,10 @@ class KvtraceApp(App[None]):
     def _compared(self, event: events.Compared) -> None:
         self.push_screen(CompareScreen(event.comparison, self._line_name(event.a), self._line_name(event.b)))
 
+    def _prune_previewed(self, event: events.PrunePreviewed) -> None:
+        if isinstance(self.screen, PruneScreen):
+            self.screen.show_methods(event)
+
     def _task_progress(self, event: events.TaskProgress) -> None:
         self.status_bar.set(activity=f"{self.activity} {event.done}/{event.total}")
 
@@ -271,6 +275,7 @@ class KvtraceApp(App[None]):
         events.RunEnded: _run_ended,
         events.LensReady: _lens_ready,
         events.Compared: _compared,
+        events.PrunePreviewed: _prune_previewed,
         events.TaskProgress: _task_progress,
         events.TaskEnded: _task_ended,
         events.AutoSaved: _auto_saved,
@@ -651,7 +656,7 @@ class KvtraceApp(App[None]):
 
     def _open_prune(self) -> None:
         if self._has_turn():
-            self.push_screen(PruneScreen(self.view), self._prune_chosen)
+            self.push_screen(PruneScreen(self.view, self.runner.preview_prune), self._prune_chosen)
 
     def _prune_chosen(self, spec: PruneSpec | None) -> None:
         if spec is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -53,7 +54,8 @@ examples:
 REF_HELP = "a .kvs file or DIR:NAME (an entry of the snapshot store in DIR)"
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, default_help: str = "the embedded SmolLM2-135M-Instruct"
+                      ) -> None:
     """Options that choose and place the model; shared by every command that loads one."""
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -61,7 +63,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         default=None,
         help="a local model folder, a .gguf file, or a Hugging Face id already in the local "
-        "cache (default: the embedded SmolLM2-135M-Instruct)",
+        f"cache (default: {default_help})",
     )
     group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                        help="where to run the model (default: auto)")
@@ -189,24 +191,33 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction) -> None:
     add_model_options(resume)
     add_sampling_options(resume, resuming=True)
 
-    prune = commands.add_parser("prune", help="shrink a snapshot's KV cache",
-                                description="Drop cache entries; original positions are kept, so resuming "
-                                "continues at the true next position.")
+    prune = commands.add_parser(
+        "prune", help="shrink a snapshot's KV cache", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Drop cache entries; original positions are kept, so resuming continues at the true next "
+        "position. --preview shows what each method at --budget would do to the next token, writing nothing.",
+        epilog="methods (--method NAME --budget N):\n" + "\n".join(
+            textwrap.fill(f"{name}: {method.keeps}", width=100, initial_indent="  ", subsequent_indent="      ")
+            for name, method in METHODS.items()) + "\n  'attention' is heavy_hitters")
     prune.add_argument("file", metavar="REF", help=f"snapshot to prune: {REF_HELP}")
-    prune.add_argument("-o", "--output", required=True, metavar="OUT", help="pruned snapshot to write (a REF)")
+    prune.add_argument("-o", "--output", metavar="OUT", help="pruned snapshot to write (a REF; not with --preview)")
     prune.add_argument("--keep-last", type=int, metavar="N", help="keep the last N entries")
     prune.add_argument("--sinks", type=int, metavar="S", help="keep the first S entries (attention sinks; "
                        f"with --method: default {DEFAULT_SINKS})")
     prune.add_argument("--recent", type=int, metavar="N", help="with --sinks: also keep the last N entries")
     prune.add_argument("--method", choices=[*METHODS, *ALIASES], metavar="METHOD",
-                       help="keep BUDGET entries with METHOD: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items())
-                       + " ('attention' is heavy_hitters)")
+                       help="keep BUDGET entries (per KV head for the head_ methods) with METHOD: see below")
     prune.add_argument("--budget", type=int, metavar="N", help="with --method: entries to keep")
+    prune.add_argument("--window", type=int, metavar="W", help="queries head_window and head_expected observe "
+                       "(default: BUDGET)")
+    prune.add_argument("--preview", action="store_true",
+                       help="print, for every method at --budget, the next token's KL to the full cache, whether "
+                       "the top-1 stays and the top 5; runs the model, writes nothing")
     prune.add_argument("--drop-span", nargs=2, type=int, metavar=("START", "END"),
                        help="drop the entries at original positions START..END-1 (e.g. one chat turn)")
     prune.add_argument("--codec", choices=CODEC_NAMES, metavar="CODEC",
                        help=f"codec of the output (default: the input's): {', '.join(CODEC_NAMES)}")
     add_memory_option(prune)
+    add_model_options(prune, default_help="the snapshot's model")
 
     info = commands.add_parser("info", help="check and describe a snapshot",
                                description="Check every record's checksum, then show the snapshot's header, model, "

@@ -92,6 +92,8 @@ def summary(info: SnapshotInfo, resume_model: str | None = None) -> dict[str, An
         "tokens": len(info.token_ids),
         "cache_entries": info.cache_length,
         "cached_positions": ranges(info.positions),
+        "per_head": info.per_head,
+        "entries_per_layer": info.layer_entries,
         "next_position": info.next_position,
         "label": info.label,
         "created": created_text(info.created),
@@ -116,6 +118,8 @@ def lines(info: SnapshotInfo, *, model: ModelFingerprint | None = None, resume_m
         f"created {created_text(info.created)}",
         f"tokens:   {len(info.token_ids)} in the transcript, {info.cache_length} cached "
         f"(positions {ranges(info.positions)}), next position {info.next_position}",
+        *([f"per head: each KV head keeps its own {max(info.layer_entries)} entries (per-head pruning); the "
+           "positions above are their union"] if info.per_head else []),
         f"model:    {fp.model_id} ({fp.architecture}, {fp.num_layers} layers, {fp.num_kv_heads} KV heads, "
         f"head dim {fp.head_dim}, {fp.dtype}, vocab {fp.vocab_size})",
         f"codec:    {info.codec}{shown_params}, stored from {info.dtype}",

@@ -107,7 +107,7 @@ def prune_spec(args: argparse.Namespace):
             raise PruneError(f"--method {args.method} needs --budget N (the entries to keep)")
         extra = {} if args.sinks is None else {"sinks": args.sinks}
         return PruneSpec(ALIASES.get(args.method, args.method), budget=args.budget, recent=args.recent, span=span,
-                         **extra)
+                         window=args.window, **extra)
     if args.sinks is not None:
         raise PruneError("--sinks goes with --recent N or --method METHOD --budget N")
     if span is None:
@@ -120,16 +120,63 @@ def _prune(args: argparse.Namespace) -> int:
     from tracer import usecases
     from tui_app.snapshot_info import ranges
 
+    if args.preview:
+        return _prune_preview(args)
     spec = prune_spec(args)
+    if args.output is None:
+        raise PruneError("give -o OUT, the pruned snapshot to write (or --preview to only look)")
     usecases.check_output(args.output)
     info = usecases.read_info(args.file)
-    result = usecases.prune_state(usecases.read_state(args.file, max_bytes=args.max_memory), spec)
+    loaded = _snapshot_model(args, info) if spec.runs_model else None
+    state = usecases.read_state(args.file, max_bytes=args.max_memory)
+    result = usecases.prune_state(state, spec, loaded)
     saved = usecases.save_state(result.state, args.output, args.codec or info.codec, parent=args.file)
     print(f"before: {info.cache_length} entries, {info.file_bytes:,} bytes ({info.codec})")
     shared = "" if saved.shared is None else f" new, {saved.shared:,} shared"
-    print(f"after:  {result.entries_after} entries, {saved.written:,} bytes{shared} ({saved.codec}) -> {args.output}")
+    per_head = " per KV head" if result.state.per_head else ""
+    entries = max(result.state.layer_length(layer) for layer in range(result.state.num_layers))
+    print(f"after:  {entries} entries{per_head}, {saved.written:,} bytes{shared} ({saved.codec}) -> {args.output}")
     print(f"resumes at position {result.state.next_position} (kept positions {ranges(result.state.positions)})")
     return 0
+
+
+def _prune_preview(args: argparse.Namespace) -> int:
+    """``kvtrace prune REF --budget N --preview``: one table, every method, nothing written."""
+    from tracer import usecases
+    from kvstore.pruning import DEFAULT_SINKS
+    from tracer.prune_preview import preview
+    from tui_app.prune_table import preview_lines
+
+    if args.budget is None:
+        raise PruneError("--preview needs --budget N (the entries each method keeps)")
+    if args.output is not None or args.keep_last is not None or args.recent is not None:
+        raise PruneError("--preview compares every method at --budget and writes nothing: drop -o, --keep-last "
+                         "and --recent")
+    if args.budget < 1:
+        raise PruneError(f"--budget must be at least 1, not {args.budget}")
+    info = usecases.read_info(args.file)
+    loaded = _snapshot_model(args, info)
+    state = usecases.read_state(args.file, max_bytes=args.max_memory)
+    sinks = DEFAULT_SINKS if args.sinks is None else args.sinks
+    result = preview(loaded, state, args.budget, sinks=sinks,
+                     span=tuple(args.drop_span) if args.drop_span is not None else None)
+    print("\n".join(preview_lines(result, state.cache_length)))
+    return 0
+
+
+def _snapshot_model(args: argparse.Namespace, info):
+    """The model the snapshot was made with (or ``--model``), loaded and checked against it."""
+    from tracer import usecases
+    from tui_app.commands.options import model_choice
+
+    plan = usecases.model_for_snapshot(info, args.model)
+    say(f"loading {plan.reason}")
+    choice = model_choice(args)
+    loaded = usecases.load(usecases.ModelChoice(plan.spec, choice.device, choice.dtype, choice.load_in_4bit), say)
+    differences = loaded.fingerprint.differences(info.fingerprint)
+    if differences:
+        raise PruneError(f"{args.file} was made by another model: {differences[0]}")
+    return loaded
 
 
 def _info(args: argparse.Namespace) -> int:
