@@ -14,6 +14,7 @@ from screen_text import screen_text
 from tracer.lens_grid import METRICS, clip
 from tracer.sampling import SamplingSettings
 from tracer.token_text import visible
+from tui_app.actions import help_rows, palette_entries
 from tui_app.app import KvtraceApp
 from tui_app.formatting import signed_bar
 from tui_app.screens.compare import CompareScreen
@@ -174,3 +175,12 @@ async def test_picture_key_writes_the_grid_as_svg(tmp_path, monkeypatch):
         [picture] = tmp_path.glob("kvtrace-grid-*.svg")
         assert "<svg" in picture.read_text() and "Lens" in picture.read_text()
         assert app.active_pane == "grid"
+
+
+def test_help_and_palette_list_the_view_keys():
+    rows = dict(help_rows())
+    for key, words in (("4", "lens grid"), ("m", "metric"), ("Enter", "the layer under the cursor"), ("x", "SVG"), ("l", "compare"),
+                       ("t", "safetensors"), ("{", "head"), ("}", "head"), ("3", "attribution")):
+        assert words in rows[key], key
+    palette = {a.command for a in palette_entries()}
+    assert {"Save grid picture", "Compare lines", "Export step tensors", "Show grid", "Grid metric"} <= palette
