@@ -21,13 +21,17 @@ from kvstore.errors import FingerprintMismatch
 from kvstore.state import KVState, ModelFingerprint
 from tracer.errors import PromptError
 from tracer.sampling import SamplingSettings
-from tracer.records import AttentionEvidence, Candidate, LensLayer, StepRecord
+from tracer.compare import LayerAtBranch, LineComparison, PairedStep, aligned
+from tracer.lines import divergence
+from tracer.records import (AttentionEvidence, Attribution, Candidate, LensLayer, LensStats, StepRecord,
+                            TopEntries)
 
 VOCAB = ["<eos>", "Hello", " world", ",", " the", " cat", " sat", " on", " mat", ".", "\n", " a",
          " dog", " ran", " far", " away", " and", " then", " it", " slept"]
 EOS = 0
 LAYERS = 4
 KV_HEADS = 2
+HEADS = 3  # query heads per layer in the attention evidence
 HEAD_DIM = 4
 
 
@@ -128,12 +132,18 @@ class FakeSession:
         mean = [r / total for r in raw]
         per_layer = [sorted(((p, w * (1 + 0.1 * layer)) for p, w in zip(cached, mean)),
                             key=lambda pw: -pw[1])[:5] for layer in range(LAYERS)]
+        # head h of layer l looks hardest at the h-th strongest entry of the layer, then at the rest
+        per_head = [[[row[h % len(row)], *(pair for j, pair in enumerate(row) if j != h % len(row))]
+                     for h in range(HEADS)] for row in per_layer]
         record = StepRecord(
             index=len(self.records), position=position, token_id=chosen, text=VOCAB[chosen],
             prob=probs[chosen], logprob=math.log(probs[chosen]),
             entropy=-sum(p * math.log(p) for p in probs if p > 0),
             top=[Candidate(i, VOCAB[i], probs[i]) for i in order[: self.top_k]],
-            attention=AttentionEvidence(positions=cached, mean=mean, per_layer=per_layer),
+            attention=AttentionEvidence(positions=cached, mean=mean, per_layer=per_layer,
+                                        per_head=TopEntries(
+                                            [[[p for p, _ in head] for head in layer] for layer in per_head],
+                                            [[[w for _, w in head] for head in layer] for layer in per_head])),
         )
         self.positions = cached
         self.token_ids.append(chosen)
@@ -182,8 +192,50 @@ class FakeSession:
             for layer in range(LAYERS):
                 top = list(record.top) if layer >= LAYERS // 2 else list(reversed(record.top))
                 layers.append(LensLayer(layer=layer, top=top[:3]))
+            record.lens_stats = LensStats(
+                entropy=[record.entropy * (1 + (LAYERS - 1 - layer) / LAYERS) for layer in range(LAYERS)],
+                kl=[(LAYERS - 1 - layer) * 0.5 for layer in range(LAYERS)],
+                chosen_prob=[record.prob * (layer + 1) / LAYERS for layer in range(LAYERS)],
+                chosen_rank=[0 if layer >= LAYERS // 2 else len(record.top) - 1 for layer in range(LAYERS)])
             record.lens = layers
         return record.lens
+
+    def attribution(self, index: int) -> Attribution | None:
+        """Each layer adds a fixed share of the chosen token's log-probability (attention a third of it)."""
+        record = self.records[index]
+        if record.attribution is None:
+            layers = [(layer + 1) * 0.5 * (-1) ** (layer + index) for layer in range(LAYERS)]
+            record.attribution = Attribution(
+                token_id=record.token_id, embedding=0.25, layers=layers, attention=[x / 3 for x in layers],
+                bias=0.0, total=0.25 + sum(layers), error=0.0)
+        return record.attribution
+
+    def step_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        return {"hidden_states": torch.full((LAYERS + 1, HEAD_DIM), float(record.position)),
+                "logits": torch.tensor(_distribution(record.position, self.token_ids[record.position - 1])).log()}
+
+    def compare_lines(self, a: int, b: int) -> LineComparison:
+        """As the real session, with the fake's exact distributions (token under the other line's prefix)."""
+        lines = [self.records if i == -1 else self.branches[i].records for i in (a, b)]
+        ra, rb = lines
+        start = divergence(ra, rb)
+        indices = aligned(ra, rb, start)
+
+        def prob(records: list[StepRecord], i: int, token: int) -> float:
+            previous = records[i - 1].token_id if i and records[i - 1].position == records[i].position - 1 else 1
+            return _distribution(records[i].position, previous)[token]
+
+        steps = tuple(PairedStep(i, ra[i].position, ra[i].token_id, VOCAB[ra[i].token_id], ra[i].prob,
+                                 prob(rb, i, ra[i].token_id), rb[i].token_id, VOCAB[rb[i].token_id], rb[i].prob,
+                                 prob(ra, i, rb[i].token_id)) for i in indices)
+        layers = tuple(LayerAtBranch(layer, steps[0].a_prob * (layer + 1) / LAYERS,
+                                     steps[0].b_prob * (layer + 1) / LAYERS, VOCAB[ra[start].token_id])
+                       for layer in range(LAYERS)) if steps and steps[0].index == start else ()
+        after = start + 1 < len(ra) and start + 1 < len(rb)
+        return LineComparison(a, b, len(ra), len(rb), start, "".join(r.text for r in ra[:start])[-80:], steps,
+                              layers, tuple(VOCAB[ra[start + 1].token_id] for _ in range(LAYERS)) if after else (),
+                              tuple(VOCAB[rb[start + 1].token_id] for _ in range(LAYERS)) if after else ())
 
     # -- branching ------------------------------------------------------------------------------
     def branch(self, index: int, token_id: int) -> StepRecord:

@@ -85,6 +85,8 @@ async def test_attention_switches_between_mean_and_each_layer():
         position, weight = session.records[-1].attention.per_layer[2][0]
         text = screen_text(app)
         assert "layer 2/3" in text and f"@{position}" in text and f"{weight:.3f}" in text
+        await pilot.press("a")  # that layer's heads (tests/test_app_views.py), then the mean again
+        assert pane.by_head and "layer 2/3 · head 0/" in screen_text(app)
         await pilot.press("a")
         assert pane.shown_layer is None and "mean over layers" in screen_text(app)
 

@@ -75,6 +75,33 @@ async def test_no_flow_takes_the_session_lock_or_calls_the_session_on_the_event_
     assert session.callers and event_loop not in session.callers
 
 
+async def test_the_views_never_call_the_session_on_the_event_loop(tmp_path, monkeypatch):
+    """The grid (columns filled while generating and after), heads, a cell, lines named and compared, tensors
+    and the picture: all the session work runs in the runner's worker."""
+    monkeypatch.chdir(tmp_path)
+    session = WatchedSession(step_delay=0.01)
+    app = KvtraceApp(session)
+    event_loop = threading.get_ident()
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.timeline.focus()
+        await pilot.press("4")  # the grid shown before the reply: its columns fill in between steps
+        await send(pilot, "one two three four five six")
+        assert any(r.lens is not None for r in session.records)
+        await pilot.press("m", "down", "enter", "escape", "2", "a", "a", "right_curly_bracket", "3")
+        await pilot.press("1", "home", "down", "b")
+        await wait_idle(pilot)
+        await pilot.press("l", "n", *"kept", "enter")
+        await wait_idle(pilot)
+        await pilot.press("l", "enter", "down", "enter")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "CompareScreen")
+        await pilot.press("escape", "t")
+        await wait_idle(pilot)
+        await pilot.press("x")
+        await wait_until(pilot, lambda: any(tmp_path.glob("*.svg")))
+        assert any(tmp_path.glob("*.safetensors"))
+    assert session.callers and event_loop not in session.callers
+
+
 async def test_the_prune_dialog_opens_at_once_without_copying_the_cache():
     session = FakeSession()
     session.loaded.context_limit = 10_000

@@ -141,7 +141,8 @@ def test_print_renders_a_readable_trace(tiny_llama_dir, capsys):
     assert "Why is the sky blue?" in shown and "Step by step" in shown and "settles" in shown
     lines = shown.splitlines()
     assert all(len(line) <= 80 for line in lines)  # laid out for the width it gets
-    rows = [line for line in lines if re.match(r"^ +[0-3] ", line)]
+    table = lines[: next(i for i, line in enumerate(lines) if line.startswith("Lens grid"))]
+    rows = [line for line in table if re.match(r"^ +[0-3] ", line)]
     assert [row.split()[0] for row in rows] == ["0", "1", "2", "3"]  # one line per token, none wrapped
 
 
@@ -180,3 +181,31 @@ def test_hub_id_in_the_local_cache_loads_offline(tiny_gpt2_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     header = json.loads(result.stdout.splitlines()[0])
     assert header["model"] == "tiny-gpt2" and header["fingerprint"]["model_id"] == "kvtrace/tiny-gpt2"
+
+
+def test_dump_with_attribution_and_tensors(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out, folder = tmp_path / "trace.jsonl", tmp_path / "tensors" / "run"
+    result = kvtrace("--model", str(tiny_llama_dir), "--dump", str(out), "--prompt", "Why is the sky blue?",
+                     "--max-new-tokens", "3", "--attribution", "--tensors", str(folder))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert trace_schema.problems(lines) == []
+    assert lines[0]["settings"]["attribution"] is True and lines[0]["settings"]["tensors"] == str(folder)
+    for step in lines[1:-1]:
+        attribution = step["attribution"]
+        assert attribution["token_id"] == step["token_id"] and len(attribution["layers"]) == 2
+        explained = attribution["embedding"] + sum(attribution["layers"]) + attribution["bias"]
+        assert explained == pytest.approx(attribution["total"], abs=1e-3)
+        tensors = load_file(folder / f"step-{step['index']:05d}.safetensors")
+        assert int(tensors["logits"].argmax()) == step["lens"][-1]["top"][0]["token_id"]
+        sidecar = json.loads((folder / f"step-{step['index']:05d}.json").read_text())
+        assert (sidecar["token_id"], sidecar["position"]) == (step["token_id"], step["position"])
+    del lines[1]["attribution"]
+    assert trace_schema.problems(lines) == ["line 2 (step): no attribution but settings.attribution is true"]
+
+
+def test_attribution_and_tensors_without_dump_are_refused(tiny_llama_dir):
+    result = kvtrace("--model", str(tiny_llama_dir), "--attribution")
+    assert result.returncode == 2 and result.stderr.strip() == "kvtrace: error: --attribution and --tensors go with --dump FILE"

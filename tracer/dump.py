@@ -12,6 +12,13 @@ step's ``attention`` (``AttentionEvidence.to_dict``) holds ``positions``,
 kvtrace traces heads, ``per_head``: per layer, per query head, the strongest
 ``[position, weight]`` pairs (``null`` when not captured). Readers of the
 older lines find every key they knew.
+
+Two opt-ins add to that: with ``attribution`` each step line carries what each
+layer added to its token's logit (``Attribution.to_dict``; ``null`` where the
+model's final norm is not one the attribution understands), and with a
+``tensors`` folder each step's tensors are written there
+(``step-NNNNN.safetensors`` and its JSON sidecar) before its line. The header's
+``settings`` say both.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ def token_entries(session: TraceSession, start: int, end: int) -> list[dict[str,
     return [{"position": p, "id": session.token_ids[p], "text": session.token_text(p)} for p in range(start, end)]
 
 
-def header(session: TraceSession, *, with_lens: bool) -> dict[str, Any]:
+def header(session: TraceSession, *, with_lens: bool, with_attribution: bool = False,
+           tensors: str | None = None) -> dict[str, Any]:
     """The first line; ``prompt_tokens`` holds the transcript up to the first step (later prompts: ``prompt`` lines)."""
     loaded = session.loaded
     prompt_length = session.records[0].position if session.records else len(session.token_ids)
@@ -49,7 +57,8 @@ def header(session: TraceSession, *, with_lens: bool) -> dict[str, Any]:
         "fingerprint": loaded.fingerprint.to_dict(),
         "device": str(loaded.device),
         "settings": {"sampling": session.sampling.to_dict(), "top_k": session.top_k, "lens": with_lens,
-                     "attention": session.attention_available},
+                     "attention": session.attention_available, "attribution": with_attribution,
+                     "tensors": tensors},
         "messages": session.messages,
         "prompt_tokens": token_entries(session, 0, prompt_length),
         "notices": session.notices,
@@ -100,15 +109,19 @@ class TraceWriter:
     """
 
     def __init__(self, session: TraceSession, out: TextIO, *, with_lens: bool = True, background: bool | None = None,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, with_attribution: bool = False,
+                 tensors: str | None = None):
         self.session = session
         self.out = out
         self.with_lens = with_lens and session.lens_supported
+        self.with_attribution = with_attribution
+        self.tensors = tensors  # the folder each step's tensors go to
         self.on_batch = on_batch  # told the number of steps written after each batch
         self.written = 0
         self._next_position = 0  # the first transcript position not yet in the file
         run_beside = spare_cores() if background is None else background
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvtrace-lens") if self.with_lens and run_beside else None
+        derived = self.with_lens or self.with_attribution
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvtrace-lens") if derived and run_beside else None
         self._pending: list[StepRecord] = []
         self._batches: deque[tuple[Future | None, list[StepRecord]]] = deque()
 
@@ -116,7 +129,8 @@ class TraceWriter:
         self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
 
     def header(self) -> None:
-        line = header(self.session, with_lens=self.with_lens)
+        line = header(self.session, with_lens=self.with_lens, with_attribution=self.with_attribution,
+                      tensors=self.tensors)
         self._next_position = len(line["prompt_tokens"])
         self._write(line)
 
@@ -137,13 +151,21 @@ class TraceWriter:
         if not batch:
             return
         indices = [r.index for r in batch]
-        if not self.with_lens:
+        if not (self.with_lens or self.with_attribution):
             self._batches.append((None, batch))
         elif self._worker is not None:
-            self._batches.append((self._worker.submit(self.session.lens_many, indices), batch))
+            self._batches.append((self._worker.submit(self._derive, indices), batch))
         else:
-            self.session.lens_many(indices)
+            self._derive(indices)
             self._batches.append((None, batch))
+
+    def _derive(self, indices: list[int]) -> None:
+        """What the lines of these records need beyond the records: the lens, the attribution."""
+        if self.with_lens:
+            self.session.lens_many(indices)
+        if self.with_attribution:
+            for index in indices:
+                self.session.attribution(index)
 
     def _write_ready(self, *, wait: bool) -> None:
         while self._batches and (wait or self._batches[0][0] is None or self._batches[0][0].done()):
@@ -152,7 +174,14 @@ class TraceWriter:
                 future.result()
             for record in batch:
                 self._prompt_up_to(record.position)
-                self._write(step_line(record, with_lens=self.with_lens))
+                if self.tensors is not None:
+                    from tracer.usecases import export_tensors, tensors_path  # usecases imports this module
+
+                    export_tensors(self.session, record.index, tensors_path(self.tensors, record.index))
+                line = step_line(record, with_lens=self.with_lens)
+                if self.with_attribution:
+                    line["attribution"] = None if record.attribution is None else record.attribution.to_dict()
+                self._write(line)
                 self._next_position = record.position + 1
             self.written += len(batch)
             self.out.flush()

@@ -34,6 +34,7 @@ from tracer.capture import ForwardCapture
 from tracer.lens import find_final_norm
 from tracer.loading import LoadedModel, module_device
 from tracer.records import AttentionEvidence
+from tracer.residual import ResidualTaps, StepTensors
 
 CAPTURE_BYTES = {"cpu": 4 << 20}  # scores one prefill chunk may hold: cache-sized on CPU ...
 ACCELERATOR_CAPTURE_BYTES = 256 << 20  # ... larger on accelerators, where launches cost more than memory
@@ -45,7 +46,7 @@ class Decoded:
     """What one decode step (query length 1) yields."""
 
     logits: torch.Tensor  # (vocab,) float32
-    hidden: torch.Tensor  # (layers - 1, hidden): intermediate layers' states at the fed position
+    tensors: StepTensors  # the residual stream at the fed position (the lens, attribution and export read it)
     attention: AttentionEvidence | None  # the new query's attention, per layer and head
 
 
@@ -68,7 +69,8 @@ class Engine:
         self._configs = attention_hook.model_configs(self._model)
         self._devices = kv_adapter.attention_devices(self._model, self.num_layers, loaded.device)
         norm = find_final_norm(self._model)  # the lens reads the hidden states there
-        self._hidden_device = loaded.device if norm is None else module_device(self._model, norm)
+        hidden_device = loaded.device if norm is None else module_device(self._model, norm)
+        self._taps = ResidualTaps(self._model, self.num_layers, hidden_device)  # read at decode steps only
         self._budget = CAPTURE_BYTES.get(loaded.device.type, ACCELERATOR_CAPTURE_BYTES)
         self.reset()
         self.mode = self._initial_mode() if capture_attention else None  # "hook", "eager" or None
@@ -184,12 +186,12 @@ class Engine:
         seen = self.layout.log.seen(self.positions, position)
         fed = None
         while fed is None:
-            fed = self._feed([token], [position], hidden=True)
+            with self._taps.tapping():
+                fed = self._feed([token], [position], hidden=True)
         output, rows = fed
         attention = capture.evidence(rows, seen, self.num_layers) if rows else None
-        # intermediate layers only: the last layer's lens is the step's own distribution
-        hidden = torch.stack([h[0, -1].to(self._hidden_device) for h in output.hidden_states[1:-1]]).detach()
-        return Decoded(logits=output.logits[0, -1].float(), hidden=hidden, attention=attention)
+        return Decoded(logits=output.logits[0, -1].float(), tensors=self._taps.tensors(output.hidden_states),
+                       attention=attention)
 
     # ---------------------------------------------------------------- state
     def crop(self, before: int, token_ids: list[int]) -> None:

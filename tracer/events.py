@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from kvstore.state import ModelFingerprint
 from tracer.lines import LineNumbers, LineSummary
 from tracer.protocol import Session
-from tracer.records import LensLayer, StepRecord
+from tracer.compare import LineComparison
+from tracer.records import StepRecord
 
 if TYPE_CHECKING:  # the preview's module imports torch; the UI reads these events without it
     from tracer.prune_preview import PrunePreview
@@ -44,6 +45,7 @@ class SessionView:
     unsaved: bool = False  # changed since it was last saved or loaded
     saved_to: str | None = None  # where it was last saved or loaded from (changed since if ``unsaved``)
     can_undo_prune: bool = False  # the state before the last prune is kept (until the next turn)
+    line_name: str = ""  # the name given to the current line
     autosaved: str | None = None  # where the runner last autosaved the session (DIR:NAME), if it autosaves
 
     @property
@@ -84,6 +86,7 @@ class SessionView:
             unsaved=unsaved,
             saved_to=saved_to,
             can_undo_prune=can_undo_prune,
+            line_name=lines.names.get(lines.current, ""),
             autosaved=autosaved,
         )
 
@@ -138,8 +141,18 @@ class RunEnded:
 
 @dataclass(frozen=True)
 class LensReady:
-    index: int
-    layers: list[LensLayer]
+    """The lens of these records is computed: each carries its ``lens``, ``lens_stats`` and ``attribution`` now."""
+
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Compared:
+    """Two lines, by number, side by side from where they part."""
+
+    a: int
+    b: int
+    comparison: LineComparison
 
 
 @dataclass(frozen=True)
@@ -185,5 +198,5 @@ class AutoSaved:
     view: SessionView | None = None  # the session now (saved: ``unsaved`` is False), when the save succeeded
 
 
-Event = (Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | PrunePreviewed | TaskProgress
-         | TaskEnded | AutoSaved)
+Event = (Progress | Opened | OpenFailed | TurnStarted | Stepped | RunEnded | LensReady | Compared | PrunePreviewed
+         | TaskProgress | TaskEnded | AutoSaved)

@@ -21,12 +21,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from tracer.loading import module_device
-from tracer.records import Candidate, LensLayer
+from tracer.records import Candidate, LensLayer, LensStats
 
 # Where architectures keep their final norm, on the base model (Llama, Qwen2, Mistral, Gemma, Phi-3: norm;
 # GPT-2: ln_f; GPT-NeoX: final_layer_norm; Phi-1/2: final_layernorm).
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
-ROWS_PER_BATCH = 512  # lens rows per matrix product: bounds memory at rows x vocab floats
+ROWS_PER_BATCH = 256  # lens rows per matrix product: bounds memory at a few times rows x vocab floats
 
 
 def settling_layer(layers: list[LensLayer], token_id: int) -> int | None:
@@ -69,29 +69,42 @@ class LogitLens:
         return cls(norm, head, getattr(config, "final_logit_softcapping", None), devices)
 
     @torch.no_grad()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Lens logits of intermediate hidden states (``(..., hidden)`` -> ``(..., vocab)``)."""
+    def logits(self, hidden: torch.Tensor, *, softcap: bool = True) -> torch.Tensor:
+        """Lens logits of intermediate hidden states (``(..., hidden)`` -> ``(..., vocab)``); without
+        ``softcap``, before the final logit softcap of models that have one."""
         logits = self.head(self.norm(hidden.to(self.norm_device)).to(self.head_device)).float()
-        if self.softcap:
+        if self.softcap and softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
     @torch.no_grad()
-    def top(self, hidden: torch.Tensor, k: int, text_of: Callable[[int], str]) -> list[list[LensLayer]]:
-        """Top-k per layer for ``(steps, layers, hidden)`` states, in row batches to bound memory."""
-        steps, layers, width = hidden.shape
-        flat = hidden.reshape(steps * layers, width)
-        tops: list[tuple[list[float], list[int]]] = []
-        for start in range(0, flat.shape[0], ROWS_PER_BATCH):
-            logits = self.logits(flat[start : start + ROWS_PER_BATCH])
-            # the top logits are the top probabilities: normalize k of them, not the whole vocabulary
-            values, ids = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
-            probs = (values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
-            tops.extend(zip(probs.tolist(), ids.tolist()))
-        return [
-            [
-                LensLayer(layer, [Candidate(i, text_of(i), p) for p, i in zip(*tops[step * layers + layer])])
-                for layer in range(layers)
-            ]
-            for step in range(steps)
-        ]
+    def read(self, stream: torch.Tensor, chosen: list[int], k: int,
+             text_of: Callable[[int], str]) -> list[tuple[list[LensLayer], LensStats]]:
+        """For ``(steps, layers, hidden)`` states, the intermediate layers' then the stream entering the final
+        norm, per step: the top-k of every layer but the last (whose top-k is the step's own), and the
+        whole-vocabulary numbers of every layer against the final distribution and the ``chosen`` token.
+
+        Steps go in batches of about ``ROWS_PER_BATCH`` rows, to bound memory at rows x vocab floats.
+        """
+        steps, layers, _ = stream.shape
+        per_batch = max(1, ROWS_PER_BATCH // layers)
+        out: list[tuple[list[LensLayer], LensStats]] = []
+        for start in range(0, steps, per_batch):
+            logits = self.logits(stream[start : start + per_batch])  # (s, layers, vocab)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            probs = log_probs.exp()
+            entropy = -(probs * log_probs).nan_to_num().sum(-1)
+            final = log_probs[:, -1:]
+            kl = (final.exp() * (final - log_probs)).nan_to_num().sum(-1)
+            ids = torch.tensor(chosen[start : start + per_batch], device=logits.device)[:, None, None]
+            chosen_logit = logits.gather(-1, ids.expand(-1, layers, 1))
+            rank = (logits > chosen_logit).sum(-1)
+            chosen_prob = probs.gather(-1, ids.expand(-1, layers, 1))[..., 0]
+            # the top logits are the top probabilities: k of them per intermediate layer
+            values, top_ids = torch.topk(log_probs[:, :-1], min(k, logits.shape[-1]), dim=-1)
+            for s, (p, i) in enumerate(zip(values.exp().tolist(), top_ids.tolist())):
+                tops = [LensLayer(layer, [Candidate(t, text_of(t), q) for q, t in zip(p[layer], i[layer])])
+                        for layer in range(layers - 1)]
+                out.append((tops, LensStats(entropy[s].cpu().numpy(), kl[s].cpu().numpy(),
+                                            chosen_prob[s].cpu().numpy(), rank[s].cpu().numpy())))
+        return out

@@ -49,6 +49,8 @@ class LineSummary:
 
     number: int
     label: str
+    name: str = ""  # what a person called it ("": unnamed)
+    steps: int = 0  # generated tokens on it
 
 
 class LineNumbers:
@@ -57,6 +59,7 @@ class LineNumbers:
     def __init__(self) -> None:
         self.current = 1
         self.others: list[int] = []
+        self.names: dict[int, str] = {}  # line number -> the name a person gave it
         self._next = 2
 
     def branched(self) -> None:
@@ -72,9 +75,19 @@ class LineNumbers:
     def restart(self) -> None:
         """The session dropped every line (a snapshot of another transcript was loaded)."""
         self.current, self.others, self._next = 1, [], 2
+        self.names.clear()
+
+    def index_of(self, number: int) -> int:
+        """The session's index of line ``number``: -1 for the current line, else its place in ``branches``."""
+        if number == self.current:
+            return -1
+        if number not in self.others:
+            raise KeyError(number)
+        return self.others.index(number)
 
     def summaries(self, branches: Sequence[Sequence[StepRecord]], current: Sequence[StepRecord]) -> tuple[LineSummary, ...]:
         if len(branches) != len(self.others):  # the session's list changed under us: number afresh
             self.others = list(range(self._next, self._next + len(branches)))
             self._next += len(branches)
-        return tuple(LineSummary(n, line_label(records, current)) for n, records in zip(self.others, branches))
+        return tuple(LineSummary(n, line_label(records, current), self.names.get(n, ""), len(records))
+                     for n, records in zip(self.others, branches))

@@ -14,7 +14,8 @@ from typing import Any, Protocol
 import torch
 
 from kvstore.state import KVState, ModelFingerprint
-from tracer.records import LensLayer, StepRecord
+from tracer.compare import LineComparison
+from tracer.records import Attribution, LensLayer, StepRecord
 from tracer.sampling import SamplingSettings
 
 
@@ -80,6 +81,12 @@ class Session(Protocol):
     def lens(self, index: int) -> list[LensLayer]: ...
 
     def lens_many(self, indices: list[int]) -> list[list[LensLayer]]: ...
+
+    def attribution(self, index: int) -> Attribution | None: ...
+
+    def step_tensors(self, index: int) -> dict[str, torch.Tensor]: ...
+
+    def compare_lines(self, a: int, b: int) -> LineComparison: ...
 
     def branch(self, index: int, token_id: int) -> StepRecord: ...
 

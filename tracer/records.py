@@ -160,6 +160,57 @@ class LensLayer:
     top: list[Candidate]
 
 
+@dataclass(frozen=True)
+class LensStats:
+    """Per layer (the last being the model's output), what the lens says over the whole vocabulary, which its
+    top-k cannot: the entropy (nats), the KL divergence of the final distribution from the layer's
+    (``KL(final || layer)``, nats; 0 at the last layer), and the probability and rank (0 = top-1) of the token
+    finally chosen. Four packed numbers a layer; lists given to the constructor are packed."""
+
+    entropy: Sequence[float]
+    kl: Sequence[float]
+    chosen_prob: Sequence[float]
+    chosen_rank: Sequence[int]
+
+    def __post_init__(self) -> None:
+        for name, dtype in (("entropy", np.float32), ("kl", np.float32), ("chosen_prob", np.float32),
+                            ("chosen_rank", np.int32)):
+            value = getattr(self, name)
+            if not isinstance(value, PackedRow):
+                object.__setattr__(self, name, PackedRow(value, dtype))
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """What each layer added to one token's logit (direct logit attribution, ``tracer.attribution``).
+
+    In logit units, relative to the mean logit over the vocabulary (adding the same amount to every logit
+    changes no probability): ``embedding + sum(layers) + bias == total - error``. ``attention[l]`` is the
+    part of ``layers[l]`` its attention block added (the rest is the MLP); None where the architecture does
+    not expose it.
+    """
+
+    token_id: int
+    embedding: float  # the token's embedding (and position embedding) through the final norm and head
+    layers: Sequence[float]  # per layer: attention and MLP together
+    attention: Sequence[float] | None  # per layer: the attention block's part
+    bias: float  # the final norm's and the output head's bias terms
+    total: float  # the model's own logit of the token minus the mean logit (before any final softcap)
+    error: float  # what the parts leave unexplained (float rounding: the decomposition is linear)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, PackedRow):
+            object.__setattr__(self, "layers", PackedRow(self.layers, np.float32))
+        if self.attention is not None and not isinstance(self.attention, PackedRow):
+            object.__setattr__(self, "attention", PackedRow(self.attention, np.float32))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, as the dump writes it (``attention``: null when not exposed)."""
+        return {"token_id": self.token_id, "embedding": self.embedding, "layers": self.layers.tolist(),
+                "attention": None if self.attention is None else self.attention.tolist(), "bias": self.bias,
+                "total": self.total, "error": self.error}
+
+
 @dataclass
 class StepRecord:
     """Everything captured for one generated token."""
@@ -176,8 +227,13 @@ class StepRecord:
     lens: list[LensLayer] | None = None  # filled lazily (on request, or by the dump)
     forced: bool = False  # chosen by a branch, not by the sampler
     extra: dict[str, Any] = field(default_factory=dict)
+    lens_stats: LensStats | None = None  # filled with the lens
+    attribution: Attribution | None = None  # filled lazily (on request, or by the dump with --attribution)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(replace(self, attention=None))
+        """The dump's step fields (the lens's whole-vocabulary numbers and the attribution, derived on
+        request, are left out: the dump adds the attribution when asked)."""
+        data = asdict(replace(self, attention=None, lens_stats=None, attribution=None))
+        del data["lens_stats"], data["attribution"]
         data["attention"] = None if self.attention is None else self.attention.to_dict()
         return data

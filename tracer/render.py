@@ -14,12 +14,15 @@ from rich.table import Table
 from rich.text import Text
 
 from tracer.lens import settling_layer
+from tracer.lens_grid import agrees, cell_text, clip
 from tracer.records import StepRecord
 from tracer.session import TraceSession
 from tracer.token_text import visible
 
 BAR_WIDTH = 10
 WIDE = 110  # from here: a probability bar and four lens layers; below, the settling layer alone
+GRID_CELL = 7  # cells per token column of the lens grid, the gap included
+GRID_LAYERS = 12  # layers the lens grid shows at most (spread over the depth, the output always)
 
 
 def bar(value: float, width: int = BAR_WIDTH) -> str:
@@ -97,6 +100,30 @@ def lens_layers_to_show(num_layers: int, count: int = 4) -> list[int]:
     return sorted({round(i * step) for i in range(count)})
 
 
+def lens_grid(session: TraceSession, records: list[StepRecord], width: int = 120) -> Group:
+    """The classic logit-lens picture in text: tokens across, layers down (the output last), each cell the
+    layer's top-1, bold where it is already the token chosen; as many tokens a band as ``width`` holds, bands
+    one under the other for the whole reply."""
+    session.lens_many([r.index for r in records])
+    depth = len(records[0].lens) if records and records[0].lens else 0
+    layers = lens_layers_to_show(depth, GRID_LAYERS)
+    per_band = max((width - 4) // GRID_CELL, 1)
+    bands: list[Text] = [Text("Lens grid: the top-1 of each layer (bold: already the token chosen)", style="bold")]
+    for start in range(0, len(records), per_band):
+        band = records[start : start + per_band]
+        lines = [Text("    ") + Text("".join(clip(visible(session.token_text(r.position)), GRID_CELL - 1)
+                                               .ljust(GRID_CELL) for r in band).rstrip(), style="cyan")]
+        for layer in layers:
+            line = Text(f"{'out' if layer == depth - 1 else layer:>3} ", style="dim")
+            for record in band:
+                line.append(cell_text(record, layer, GRID_CELL - 1).ljust(GRID_CELL),
+                            style="bold" if agrees(record, layer) else "dim")
+            line.rstrip()
+            lines.append(line)
+        bands.append(Text("\n").join([Text(""), *lines]))
+    return Group(*bands)
+
+
 def trace_view(session: TraceSession, prompt: str, width: int = 120) -> Group:
     """The whole trace for a terminal ``width`` columns wide (no bar and no lens columns when it is narrow)."""
     loaded = session.loaded
@@ -115,5 +142,7 @@ def trace_view(session: TraceSession, prompt: str, width: int = 120) -> Group:
         summary,
         step_table(session, session.records, layers, width=width),
     ]
+    if session.lens_supported and session.records:
+        parts.append(lens_grid(session, session.records, width))
     parts.extend(Text(f"note: {notice}", style="yellow") for notice in session.notices)
     return Group(*parts)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -31,9 +32,10 @@ from kvstore.pruning import PruneSpec
 from kvstore.state import KVState
 from tracer import usecases
 from tracer.autosave import Autosave
-from tracer.errors import UserError
+from tracer.errors import TracerError, UserError
 from tracer.events import (
     AutoSaved,
+    Compared,
     Event,
     LensReady,
     Opened,
@@ -52,6 +54,9 @@ from tracer.protocol import Session
 from tracer.records import StepRecord
 
 Listener = Callable[[Event], None]
+LENS_BATCH = 8  # records per lens job: columns fill in a batch at a time, and other jobs run between batches
+RUN_LENS_BATCH = 2  # records per lens batch between two steps of a generation: Escape still stops quickly
+RUN_LENS_SHARE = 0.5  # while generating, the lens may take up to this share of the run's time
 Opener = Callable[[Callable[[str], None]], Session]  # progress callback -> session
 T = TypeVar("T")
 
@@ -84,8 +89,10 @@ class SessionRunner:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._run_id = 0
         self._cancel = threading.Event()
+        self._lens_wanted: tuple[int, ...] = ()  # replaced whole by the caller, thinned by the worker
+        self._lens_request = threading.Lock()  # guards _lens_wanted between the two
+        self._lens_queued = False
         self._preview_wanted: tuple | None = None  # the latest prune preview asked for (older ones are skipped)
-        self._lens_wanted: int | None = None
         self._open_error: BaseException | None = None
         self._lines = LineNumbers()
         self._version = 0  # bumped by every change to the session
@@ -233,14 +240,19 @@ class SessionRunner:
             assert session is not None
             error = None
             stepped = False
+            started, lens_seconds = time.monotonic(), 0.0
             version = self._version
 
             def on_step(record: StepRecord) -> None:
-                nonlocal stepped
+                nonlocal stepped, lens_seconds
                 stepped = True
                 if not cancel.is_set():
                     self._emit(Stepped(run_id, record, session.context_tokens, session.kv_bytes,
                                        session.token_text(record.position)))
+                if not cancel.is_set() and lens_seconds <= RUN_LENS_SHARE * (time.monotonic() - started):
+                    begun = time.monotonic()
+                    self._lens_batch(session, RUN_LENS_BATCH)
+                    lens_seconds += time.monotonic() - begun
 
             try:
                 if prepare is not None:
@@ -283,21 +295,82 @@ class SessionRunner:
         self._cancel.set()
 
     # -------------------------------------------------------------------- lens
-    def lens(self, index: int) -> None:
-        """Compute the lens of record ``index`` (LensReady), unless a newer request supersedes it first."""
-        self._lens_wanted = index
+    def want_lens(self, indices: Sequence[int]) -> None:
+        """Compute the lens and the attribution of these records, the first first, in batches (a LensReady
+        each); a newer request replaces what is left of this one. While a reply is generated, small batches run
+        between its steps, taking at most ``RUN_LENS_SHARE`` of the time."""
+        with self._lens_request:
+            self._lens_wanted = tuple(indices)
+        if not self._lens_queued:
+            self._lens_queued = True
+            self._jobs.put(self._lens_job)
+
+    def _lens_job(self) -> None:
+        self._lens_queued = False  # before reading the request: a newer one queues another job
+        if self._session is not None and self._lens_batch(self._session, LENS_BATCH):
+            self._lens_queued = True
+            self._jobs.put(self._lens_job)  # the rest after whatever was asked for meanwhile
+
+    def _lens_batch(self, session: Session, size: int) -> bool:
+        """Compute the lens of up to ``size`` wanted records that lack it; whether any did."""
+        records = session.records
+        batch = [i for i in self._lens_wanted if 0 <= i < len(records) and records[i].lens is None][:size]
+        if not batch:
+            return False
+        if not session.lens_supported:  # nothing to compute: say so once
+            self._lens_wanted = ()
+            self._emit(LensReady(tuple(batch)))
+            return False
+        try:
+            session.lens_many(batch)
+            for index in batch:
+                session.attribution(index)
+        except Exception as error:
+            self._lens_wanted = ()
+            self._emit(TaskEnded("lens", f"the lens could not be computed: {self._explain(error)}", error=True))
+            return False
+        with self._lens_request:  # asked for once: a record restored without hidden states stays without a lens
+            self._lens_wanted = tuple(i for i in self._lens_wanted if i not in batch)
+        self._emit(LensReady(tuple(batch)))
+        return True
+
+    # ---------------------------------------------------------------- lines
+    def compare(self, a: int, b: int) -> None:
+        """Lines number ``a`` and ``b`` side by side from where they part (Compared)."""
 
         def run() -> None:
-            if self._lens_wanted != index or self._session is None:
-                return
+            session = self._session
+            assert session is not None
             try:
-                layers = self._session.lens(index)
-            except Exception as error:
-                self._emit(TaskEnded("lens", f"the lens could not be computed: {self._explain(error)}", error=True))
+                comparison = session.compare_lines(self._lines.index_of(a), self._lines.index_of(b))
+            except KeyError as missing:
+                self._emit(TaskEnded("compare", f"there is no line {missing}", error=True))
                 return
-            self._emit(LensReady(index, layers))
+            except Exception as error:
+                self._emit(TaskEnded("compare", self._explain(error), error=True))
+                return
+            self._emit(Compared(a, b, comparison))
 
         self._jobs.put(run)
+
+    def name_line(self, number: int, name: str) -> None:
+        """Call line ``number`` ``name`` (an empty name takes the name away)."""
+
+        def rename(session: Session) -> str:
+            if number != self._lines.current and number not in self._lines.others:
+                raise TracerError(f"there is no line {number}")
+            if name.strip():
+                self._lines.names[number] = name.strip()
+                return f"line {number} is now called {name.strip()!r}"
+            self._lines.names.pop(number, None)
+            return f"line {number} has no name now"
+
+        self._task("name", rename, changes_session=True)
+
+    def export_tensors(self, index: int, path: str) -> None:
+        """Record ``index``'s tensors to ``path`` (.safetensors) and its JSON sidecar."""
+        self._task("tensors", lambda session: usecases.export_tensors(session, index, path).describe(),
+                   changes_session=False)
 
     def preview_prune(self, budget: int, sinks: int, span: tuple[int, int] | None) -> None:
         """Preview every pruning method at ``budget`` (PrunePreviewed), unless a newer request supersedes it

@@ -21,13 +21,16 @@ import torch
 from kvstore.errors import SnapshotError
 from kvstore.snapshot import check_fingerprint
 from kvstore.state import KVState
-from tracer import capture, chat, trace_codec
+from tracer import capture, chat, compare, tensor_export, trace_codec
 from tracer.detokenize import IncrementalDecoder
 from tracer.engine import Engine
+from tracer.attribution import Attributor
+from tracer.compare import LineComparison
 from tracer.errors import PromptError, TracerError
 from tracer.lens import LogitLens
 from tracer.loading import LoadedModel
-from tracer.records import LensLayer, StepRecord
+from tracer.records import Attribution, LensLayer, StepRecord
+from tracer.residual import StepTensors
 from tracer.sampling import SamplingSettings, choose_token, make_generator
 from tracer.token_text import token_piece
 DECODER_CONTEXT = 4  # tokens before a reply that seed its incremental decoder
@@ -51,7 +54,7 @@ class Branch:
     records: list[StepRecord]
     state: KVState
     label: str
-    hidden: list[torch.Tensor] = field(default_factory=list, repr=False)
+    hidden: list[StepTensors | None] = field(default_factory=list, repr=False)
     turns: list[TurnMark] = field(default_factory=list, repr=False)
 
 
@@ -76,7 +79,8 @@ class TraceSession:
         self._model = loaded.model
         self._tokenizer = loaded.tokenizer
         self.engine = Engine(loaded, capture_attention=capture_attention, notice=self._notice)
-        self._hidden: list[torch.Tensor] = []  # per record: (layers - 1, hidden) at the fed position
+        self._hidden: list[StepTensors | None] = []  # per record: the residual stream at the fed position (None:
+        # restored from a snapshot's trace, which does not keep it)
         self._turns: list[TurnMark] = []
         self._rendered = ""
         self._reply_start = 0
@@ -89,6 +93,7 @@ class TraceSession:
         self._lens = LogitLens.for_model(self._model)
         if self._lens is None:
             self._notice(f"{loaded.name}: no final norm and output head found, so the logit lens is skipped")
+        self._attributor = None if self._lens is None else Attributor(self._lens)
 
     # ----------------------------------------------------------------- setup
     def _notice(self, text: str) -> None:
@@ -212,7 +217,7 @@ class TraceSession:
             forced=forced is not None,
         )
         self.records.append(record)
-        self._hidden.append(step.hidden)
+        self._hidden.append(step.tensors)
         self._check_stop(token, record.text)
         return record
 
@@ -289,11 +294,43 @@ class TraceSession:
             # records restored from a snapshot's trace have no hidden states: only a lens computed before the save
             missing = [i for i in indices if self.records[i].lens is None and self._hidden[i] is not None]
             if missing:
-                stacked = torch.stack([self._hidden[i] for i in missing])
-                last = stacked.shape[1]
-                for i, layers in zip(missing, self._lens.top(stacked, self.top_k, self._piece)):
+                stream = torch.stack([torch.cat([self._hidden[i].hidden, self._hidden[i].final[None]])
+                                      for i in missing])
+                chosen = [self.records[i].token_id for i in missing]
+                last = stream.shape[1] - 1
+                for i, (layers, stats) in zip(missing, self._lens.read(stream, chosen, self.top_k, self._piece)):
+                    self.records[i].lens_stats = stats
                     self.records[i].lens = [*layers, LensLayer(last, list(self.records[i].top))]
             return [self.records[i].lens or [] for i in indices]
+
+    def attribution(self, index: int) -> Attribution | None:
+        """What each layer added to generated token ``index``'s logit (``tracer.attribution``; computed once,
+        then cached on the record); None when the model's final norm is not one the attribution understands, or
+        the record was restored without its hidden states."""
+        record = self.records[index]
+        if record.attribution is None and self._attributor is not None and self._hidden[index] is not None:
+            record.attribution = self._attributor.attribute(self._hidden[index], record.token_id)
+        return record.attribution
+
+    def step_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Generated token ``index``'s tensors for a notebook (``tracer.tensor_export``): the residual stream,
+        the attention kept and the logits, recomputed from the stream entering the final norm."""
+        tensors = self._hidden[index]
+        if tensors is None:
+            raise TracerError(f"token {index} was restored from a snapshot, which keeps no hidden states to export")
+        logits = None
+        if self._lens is not None and tensors.final is not None:
+            with self._lens_lock:
+                logits = self._lens.logits(tensors.final[None])[0]
+        return tensor_export.step_tensors(self.records[index], tensors, logits, self._lens)
+
+    def compare_lines(self, a: int, b: int) -> LineComparison:
+        """Lines ``a`` and ``b`` (-1: the current line, else an index into ``branches``) side by side from
+        where they part (``tracer.compare``)."""
+        lines = [(self.records, self._hidden) if i == -1 else (self.branches[i].records, self.branches[i].hidden)
+                 for i in (a, b)]
+        with self._lens_lock:
+            return compare.compare(a, b, lines[0], lines[1], self._lens, self._piece)
 
     # --------------------------------------------------------------- branch
     def _crop(self, keep_tokens: int, keep_records: int) -> None:

@@ -22,6 +22,8 @@ CANDIDATE = {"token_id": int, "text": str, "prob": NUMBER}
 STEP = {"type": str, "index": int, "position": int, "token_id": int, "text": str, "prob": NUMBER,
         "logprob": NUMBER, "entropy": NUMBER, "top": list, "attention": (dict, type(None)),
         "lens": (list, type(None)), "forced": bool, "extra": dict}
+ATTRIBUTION = {"token_id": int, "embedding": NUMBER, "layers": list, "attention": (list, type(None)), "bias": NUMBER,
+               "total": NUMBER, "error": NUMBER}
 PROMPT = {"type": str, "tokens": list}
 END = {"type": str, "stop_reason": str, "generated": int, "transcript_tokens": int, "reply": str}
 
@@ -57,6 +59,11 @@ def _step(where: str, step: dict, settings: dict) -> list[str]:
         found += _fields(f"{where}.lens[{i}]", layer, {"layer": int, "top": list})
         if isinstance(layer, dict) and isinstance(layer.get("top"), list):
             found += _candidates(f"{where}.lens[{i}].top", layer["top"], settings["top_k"])
+    if settings.get("attribution"):  # opt-in (--attribution): then on every step, null where not computable
+        if "attribution" not in step:
+            found.append(f"{where}: no attribution but settings.attribution is true")
+        elif step["attribution"] is not None:
+            found += _fields(f"{where}.attribution", step["attribution"], ATTRIBUTION)
     attention = step["attention"]
     if attention is not None:
         found += _fields(f"{where}.attention", attention, {"positions": list, "mean": list, "per_layer": list})

@@ -333,6 +333,60 @@ def export_trace(session: Session, path: str, *, with_lens: bool = True,
     return Exported(path, len(session.records))
 
 
+# ------------------------------------------------------------------------------------- tensors
+@dataclass(frozen=True)
+class TensorsExported:
+    path: str
+    sidecar: str
+    names: tuple[str, ...]
+    written: int  # bytes of the tensors file
+
+    def describe(self) -> str:
+        return f"wrote {len(self.names)} tensors ({self.written:,} bytes) to {self.path}, described in {self.sidecar}"
+
+
+def tensors_folder(folder: str) -> None:
+    """Make ``--tensors DIR`` (and its parents) before the model loads, so a path that cannot be written costs
+    nothing; ``TracerError`` in one line when it cannot be."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TracerError(f"cannot make the tensors folder {folder}: {error.strerror or error}") from None
+    output_target(tensors_path(folder, 0))
+
+
+def tensors_path(folder: str, index: int) -> str:
+    """Where ``--tensors DIR`` puts generated token ``index``'s file."""
+    return str(Path(folder) / f"step-{index:05d}.safetensors")
+
+
+def export_tensors(session: Session, index: int, path: str) -> TensorsExported:
+    """Generated token ``index``'s tensors to ``path`` (``.safetensors``) and a JSON sidecar beside it (same
+    name, ``.json``): token, position, the ids that reproduce the step, the model's fingerprint. Both files
+    are written atomically."""
+    from safetensors.torch import save
+
+    from tracer.tensor_export import sidecar
+
+    if not 0 <= index < len(session.records):
+        raise TracerError(f"there is no generated token {index} to export")
+    target = Path(path)
+    if target.suffix != ".safetensors":
+        raise TracerError(f"the tensors file must end in .safetensors, not {target.name}")
+    side = target.with_suffix(".json")
+    output_target(target), output_target(side)  # both writable before anything is written
+    record = session.records[index]
+    tensors = session.step_tensors(index)
+    data = save(tensors)
+    description = sidecar(record, session.token_ids[: record.position], session.token_text(record.position),
+                          session.loaded.name, session.loaded.fingerprint.to_dict(), list(tensors))
+    with atomic_writer(side) as out:
+        out.write((json.dumps(description, ensure_ascii=False, indent=1) + "\n").encode())
+    with atomic_writer(target) as out:
+        out.write(data)
+    return TensorsExported(str(target), str(side), tuple(tensors), len(data))
+
+
 # -------------------------------------------------------------------------------------- resume
 @dataclass(frozen=True)
 class ModelForSnapshot:

@@ -38,7 +38,7 @@ class Action:
 
 KEY_NAMES = {"question_mark": "?", "colon": ":", "left_square_bracket": "[", "right_square_bracket": "]",
              "left": "←", "right": "→", "up": "↑", "down": "↓", "home": "Home", "end": "End", "escape": "Escape",
-             "f1": "F1", "f2": "F2"}
+             "f1": "F1", "f2": "F2", "left_curly_bracket": "{", "right_curly_bracket": "}", "enter": "Enter"}
 
 
 ACTIONS: list[Action] = [
@@ -73,14 +73,33 @@ ACTIONS: list[Action] = [
            "click it; a double click branches)", palette=False),
     Action("candidate(1)", "down", "Next candidate", "choose the top-k candidate (▶) below for branching",
            palette=False),
-    Action("attention_mode", "a", "Mean/layer", "attention pane: the mean over layers or one layer"),
+    Action("attention_mode", "a", "Mean/layer/heads", "attention pane: the mean over layers, one layer, or that "
+           "layer's heads side by side"),
     Action("attention_layer(-1)", "left_square_bracket", "Previous layer", "attention pane: previous layer",
            key_display="[", palette=False),
     Action("attention_layer(1)", "right_square_bracket", "Next layer", "attention pane: next layer",
            key_display="]", palette=False),
+    Action("attention_head(-1)", "left_curly_bracket", "Previous head", "attention pane: that layer's heads, "
+           "previous head", key_display="{", palette=False),
+    Action("attention_head(1)", "right_curly_bracket", "Next head", "attention pane: that layer's heads, next head",
+           key_display="}", palette=False),
     Action("pane('topk')", "1", "Show top-k", "show the top-k pane (narrow terminals)"),
     Action("pane('attention')", "2", "Show attention", "show the attention pane (narrow terminals)"),
-    Action("pane('lens')", "3", "Show lens", "show the lens pane (narrow terminals)"),
+    Action("pane('lens')", "3", "Show lens", "show the lens pane (narrow terminals), with bars of what each "
+           "layer's attention and MLP added to the chosen token's logit (direct logit attribution, relative to the "
+           "mean logit: the usual linear approximation, the final norm's scale frozen at this position)"),
+    Action("pane('grid')", "4", "Show grid", "show the lens grid: tokens across, layers down, each cell the "
+           "layer's top-1 shaded by a metric; ↑ ↓ pick a layer, Enter opens the cell"),
+    Action("grid_metric", "m", "Grid metric", "lens grid: shade by the next metric (p top-1, p chosen, rank "
+           "chosen, KL to final, entropy)"),
+    Action("open_cell", "enter", "Open cell", "lens grid: the selected token's top-k at the layer under the "
+           "cursor, with its numbers", palette=False),
+    Action("picture", "x", "Picture", "save the lens grid and the reply's probability and entropy sparklines "
+           "as an SVG picture (kvtrace-grid-<time>.svg)", "Save grid picture"),
+    Action("lines", "l", "Lines", "the lines of generation: compare two side by side from where they part, "
+           "name one, switch to one", "Compare lines"),
+    Action("export_tensors", "t", "Tensors", "export the selected token's tensors (hidden states, attention kept, "
+           "logits) as .safetensors with a JSON sidecar, for TransformerLens or nnsight", "Export step tensors"),
     Action("focus_input", "i", "Type a message", "go to the input box"),
     Action("help", "f1,question_mark", "Help", "show every key (F1 works in the input box too)", key_display="F1",
            footer=True, needs_session=False),

@@ -36,8 +36,11 @@ from tui_app.clipboard import copy
 from tui_app.details import chat_text, token_details
 from tui_app.formatting import byte_count, loading_text
 from tui_app.messages import RunnerEvent
+from tui_app.screens.compare import CompareScreen
 from tui_app.screens.help import HelpScreen
 from tui_app.screens.history import HistoryScreen
+from tui_app.screens.lens_cell import LensCellScreen
+from tui_app.screens.lines import LinesChoice, LinesScreen
 from tui_app.screens.load import LoadScreen
 from tui_app.screens.prune import PruneScreen
 from tui_app.screens.quit import QUIT, SAVE_FIRST, QuitScreen, quit_reasons
@@ -46,6 +49,7 @@ from tui_app.transcript import pruned_note
 from tui_app.widgets.attention import AttentionPane
 from tui_app.widgets.chat import ChatView
 from tui_app.widgets.lens import LensPane
+from tui_app.widgets.lens_grid import GridPane, LensGrid
 from tui_app.widgets.status import StatusBar
 from tui_app.widgets.timeline import TokenTimeline
 from tui_app.widgets.topk import TopKPane
@@ -56,7 +60,7 @@ def sentence(message: str) -> str:
     return message[:1].upper() + message[1:] + ("" if message.endswith((".", "!", "?")) else ".")
 
 
-PANES = {"topk": "1 Top-k", "attention": "2 Attention", "lens": "3 Lens"}
+PANES = {"topk": "1 Top-k", "attention": "2 Attention", "lens": "3 Lens", "grid": "4 Grid"}
 ENDINGS = {  # how the chat says why the reply stopped
     "eos": "end of answer",
     "stop": "stopped at a stop string (g continues)",
@@ -64,6 +68,7 @@ ENDINGS = {  # how the chat says why the reply stopped
     "cancelled": "stopped (Esc) · g continues",
     "context_full": "stopped: the context window is full (p prunes the cache to make room)",
 }
+BACKGROUND_TASKS = ("lens", "compare", "name")  # runner tasks that do not make the app busy
 TASKS = {"saving": "a save", "loading": "a load", "pruning": "a prune", "exporting": "an export",
          "switching": "a branch switch", "undoing": "an undo"}
 
@@ -116,6 +121,7 @@ class KvtraceApp(App[None]):
                 yield Static(id="pane-bar")
                 with Container(id="panes"):
                     yield TopKPane(id="topk", classes="pane -active")
+                    yield GridPane(self._token_text, id="grid", classes="pane")  # before the lens: beside it, wide
                     yield LensPane(id="lens", classes="pane")  # before attention: the wide grid's right column
                     yield AttentionPane(self._token_text, id="attention", classes="pane")
         yield Input(self.initial_prompt, placeholder="Message the model; Enter sends · Tab: tokens · F1: help · "
@@ -198,6 +204,7 @@ class KvtraceApp(App[None]):
         self._run_steps += 1
         self._live_reply += record.text
         self.timeline.append(record)
+        self.grid_pane.append(record)
         self.chat.update_reply(self._live_reply)
         speed = None
         if self._run_steps == 1:  # the clock starts at the first token, after the prefill
@@ -221,8 +228,12 @@ class KvtraceApp(App[None]):
 
     def _lens_ready(self, event: events.LensReady) -> None:
         record = self.timeline.selected_record
-        if record is not None and record.index == event.index:
-            self.query_one(LensPane).show(record, event.layers)
+        if record is not None and record.index in event.indices:  # no lens now: none can be computed
+            self.query_one(LensPane).show(record, record.lens or [])
+        self.grid_pane.filled()
+
+    def _compared(self, event: events.Compared) -> None:
+        self.push_screen(CompareScreen(event.comparison, self._line_name(event.a), self._line_name(event.b)))
 
     def _prune_previewed(self, event: events.PrunePreviewed) -> None:
         if isinstance(self.screen, PruneScreen):
@@ -232,7 +243,7 @@ class KvtraceApp(App[None]):
         self.status_bar.set(activity=f"{self.activity} {event.done}/{event.total}")
 
     def _task_ended(self, event: events.TaskEnded) -> None:
-        if event.task != "lens":
+        if event.task not in BACKGROUND_TASKS:
             self.busy = False
             self.activity = ""
             self.status_bar.set(activity="idle")
@@ -263,6 +274,7 @@ class KvtraceApp(App[None]):
         events.Stepped: _stepped,
         events.RunEnded: _run_ended,
         events.LensReady: _lens_ready,
+        events.Compared: _compared,
         events.PrunePreviewed: _prune_previewed,
         events.TaskProgress: _task_progress,
         events.TaskEnded: _task_ended,
@@ -300,6 +312,7 @@ class KvtraceApp(App[None]):
         cached = set(view.positions)
         pruned = frozenset(r.position for r in view.records if r.position < view.next_position) - cached
         self.timeline.set_records(list(view.records), pruned)  # its Selected message redraws the panes
+        self.grid_pane.set_records(list(view.records), view.fingerprint.num_layers)
         self._live_reply = view.reply
         notes = [] if streaming else self._notes(view, cached)
         self.chat.show_conversation(*self._conversation(), notes)
@@ -330,6 +343,35 @@ class KvtraceApp(App[None]):
     def _lens_visible(self) -> bool:
         return self.screen.has_class("-wide") or self.active_pane == "lens"
 
+    def _grid_visible(self) -> bool:
+        return self.active_pane == "grid"
+
+    @property
+    def grid_pane(self) -> GridPane:
+        return self.query_one(GridPane)
+
+    def _request_lens(self) -> None:
+        """Ask the runner for the lens the screen shows and lacks: the selected token's, then the grid's
+        columns in view (the runner computes them in batches, between steps while generating)."""
+        records = self.timeline.records
+        record = self.timeline.selected_record
+        wanted = [record.index] if record is not None and record.lens is None and self._lens_visible() else []
+        if self._grid_visible():
+            wanted += [i for i in self.grid_pane.grid.visible_indices()
+                       if i < len(records) and records[i].lens is None and i not in wanted]
+        if wanted:
+            self.runner.want_lens(wanted)
+
+    @on(LensGrid.Scrolled)
+    def _on_grid_scrolled(self) -> None:
+        if self._grid_visible():
+            self._request_lens()
+
+    @on(LensGrid.CellClicked)
+    def _on_cell_clicked(self, event: LensGrid.CellClicked) -> None:
+        self.timeline.select(event.index)
+        self.grid_pane.move_layer(0)
+
     @on(TokenTimeline.Selected)
     def _on_selected(self) -> None:
         # The message only says "the selection moved"; the timeline may have changed since it was
@@ -339,6 +381,7 @@ class KvtraceApp(App[None]):
     def _show_selection(self, record: StepRecord | None) -> None:
         self.query_one(TopKPane).show(record)
         self.query_one(AttentionPane).show(record)
+        self.grid_pane.select(None if record is None else record.index)
         self._show_lens(record)
 
     def _show_lens(self, record: StepRecord | None) -> None:
@@ -347,13 +390,12 @@ class KvtraceApp(App[None]):
             lens.show_pending(None, "Select a generated token to see the per-layer lens.")
         elif record.lens is not None:
             lens.show(record, record.lens)
-        elif self.generating:
-            lens.show_pending(record, "The lens is computed when generation stops (Escape stops it).")
         elif self._lens_visible():
-            lens.show_pending(record, "Computing the lens…")
-            self.runner.lens(record.index)
+            lens.show_pending(record, "Computing the lens…" + (" (between steps while the model writes)"
+                                                               if self.generating else ""))
         else:
             lens.show_pending(record, "The lens is computed when this pane is shown.")
+        self._request_lens()
 
     # -- generation -----------------------------------------------------------------------------
     @on(Input.Submitted, "#prompt")
@@ -420,7 +462,11 @@ class KvtraceApp(App[None]):
         self.timeline.select(len(self.timeline.records) - 1)
 
     def action_candidate(self, delta: int) -> None:
-        self.query_one(TopKPane).move_cursor(delta)
+        """↑ ↓: the layer cursor while the grid is shown, else the candidate to branch with."""
+        if self._grid_visible():
+            self.grid_pane.move_layer(delta)
+        else:
+            self.query_one(TopKPane).move_cursor(delta)
 
     def action_attention_mode(self) -> None:
         self.query_one(AttentionPane).toggle_mode()
@@ -428,13 +474,47 @@ class KvtraceApp(App[None]):
     def action_attention_layer(self, delta: int) -> None:
         self.query_one(AttentionPane).shift_layer(delta)
 
+    def action_attention_head(self, delta: int) -> None:
+        self.query_one(AttentionPane).shift_head(delta)
+
     def action_pane(self, name: str) -> None:
         self.active_pane = name
         for pane in self.query(".pane"):
             pane.set_class(pane.id == name, "-active")
+        self.screen.set_class(name == "grid", "-grid")
         self._draw_pane_bar()
-        if name == "lens":
+        if name in ("lens", "grid"):
             self._show_lens(self.timeline.selected_record)
+
+    def action_grid_metric(self) -> None:
+        self.action_pane("grid")
+        self.grid_pane.cycle_metric()
+
+    def action_open_cell(self) -> None:
+        record = self.timeline.selected_record
+        if not self._grid_visible() or record is None:
+            return
+        if record.lens is None:
+            self.notify("The lens of this token is still being computed.", severity="warning")
+            return
+        layer = self.grid_pane.grid.cursor
+        self.push_screen(LensCellScreen(record, layer, self._token_text(record.position)))
+
+    def action_picture(self) -> None:
+        """The grid shown, then the screen as SVG once it is drawn."""
+        if not self._has_turn():
+            return
+        self.action_pane("grid")
+        self.call_after_refresh(self._save_picture)
+
+    def _save_picture(self) -> None:
+        name = datetime.now().strftime("kvtrace-grid-%Y%m%d-%H%M%S.svg")
+        try:
+            path = self.save_screenshot(filename=name, path=".")
+        except OSError as error:
+            self.notify(f"Could not write {name}: {error.strerror or error}.", severity="error", timeout=8)
+            return
+        self.notify(f"Wrote the grid picture to {path}.", timeout=8)
 
     def action_focus_input(self) -> None:
         self.query_one("#prompt", Input).focus()
@@ -490,6 +570,25 @@ class KvtraceApp(App[None]):
         self.notify(f"Branching at token #{index} with {candidate.text!r}: this is line {number}; B goes back to "
                     f"line {self.view.line}.")
         self._begin_run(self.runner.branch(index, candidate.token_id))
+
+    def _line_name(self, number: int) -> str:
+        """``line 3`` or ``line 3 “name”``."""
+        names = {self.view.line: self.view.line_name, **{b.number: b.name for b in self.view.branches}}
+        return f"line {number}" + (f" “{names[number]}”" if names.get(number) else "")
+
+    def action_lines(self) -> None:
+        if self._has_turn():
+            self.push_screen(LinesScreen(self.view), self._lines_chosen)
+
+    def _lines_chosen(self, choice: LinesChoice | None) -> None:
+        if choice is None:
+            return
+        if choice.action == "compare":
+            self.runner.compare(*choice.numbers)
+        elif choice.action == "name":
+            self.runner.name_line(choice.numbers[0], choice.name)
+        elif choice.numbers[0] != self.view.line:
+            self._switch_branch([b.number for b in self.view.branches].index(choice.numbers[0]))
 
     def action_switch_branch(self) -> None:
         if self.view is not None and not self.view.branches:
@@ -575,6 +674,15 @@ class KvtraceApp(App[None]):
             return
         path = datetime.now().strftime("kvtrace-trace-%Y%m%d-%H%M%S.jsonl")
         self._when_idle(lambda: self._start_task("exporting", partial(self.runner.export, path)))
+
+    def action_export_tensors(self) -> None:
+        record = self.timeline.selected_record
+        if record is None:
+            self.notify("Select a generated token first (← →).", severity="warning")
+            return
+        path = datetime.now().strftime(f"kvtrace-step-{record.index}-%Y%m%d-%H%M%S.safetensors")
+        self._when_idle(lambda: self._start_task("exporting", partial(self.runner.export_tensors, record.index,
+                                                                      path)))
 
     def action_copy(self, what: str) -> None:
         record = self.timeline.selected_record

@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--top-k", type=int, default=10, metavar="K",
                        help="candidates recorded per step and per lens layer (default 10)")
     trace.add_argument("--no-lens", action="store_true", help="skip the per-layer logit lens in the dump")
+    trace.add_argument("--attribution", action="store_true",
+                       help="with --dump: each step also says what each layer (attention, MLP) added to its token's "
+                       "logit (direct logit attribution, the final norm's scale frozen: the usual linear "
+                       "approximation)")
+    trace.add_argument("--tensors", metavar="DIR",
+                       help="with --dump: also write each step's tensors (hidden states, attention outputs, logits, "
+                       "attention kept) to DIR/step-NNNNN.safetensors with a JSON sidecar, for TransformerLens or "
+                       "nnsight")
     trace.add_argument("--print", dest="print_trace", action="store_true",
                        help="trace headlessly and print a readable step table (for logs, pipes and terminals "
                        "where the app can't run); without --prompt a demo prompt is used")
@@ -265,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tracer.errors import UserError  # light: no torch
 
     try:
+        if args.command is None and args.dump is None and (args.attribution or args.tensors is not None):
+            from tracer.errors import SettingsError
+
+            raise SettingsError("--attribution and --tensors go with --dump FILE")
         if args.command is not None:
             from tui_app.commands.snapshot import run_snapshot_command
 

@@ -25,6 +25,15 @@ def bar(fraction: float, width: int) -> str:
     return ("█" * full + ("" if rest == 0 else " ▏▎▍▌▋▊▉"[rest])).ljust(width)
 
 
+def signed_bar(fraction: float, half: int) -> str:
+    """A bar of ``2 * half + 1`` cells around a centre mark: to the left for a negative ``fraction`` of the
+    scale, to the right for a positive one."""
+    filled = round(min(abs(fraction), 1.0) * half)
+    if fraction < 0:
+        return " " * (half - filled) + "█" * filled + "│" + " " * half
+    return " " * half + "│" + "█" * filled + " " * (half - filled)
+
+
 def loading_text(stage: str, elapsed: float | None, expected: float | None, width: int = 24) -> str:
     """A loading stage; for timed work a bar of the time spent against the time it should take."""
     if elapsed is None or not expected:

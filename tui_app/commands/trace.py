@@ -16,11 +16,14 @@ DEMO_TOKENS = 48
 
 
 def run_dump(args: argparse.Namespace) -> int:
-    """Trace one prompt and write JSON Lines to ``args.dump``."""
+    """Trace one prompt and write JSON Lines to ``args.dump`` (and each step's tensors to ``args.tensors``)."""
+    from tracer import usecases
+
     if not args.prompt:
         raise SettingsError("--dump needs the prompt to answer: add --prompt TEXT")
+    if args.tensors is not None:  # a folder that cannot be written fails before the model loads
+        usecases.tensors_folder(args.tensors)
     settings, options, choice = sampling(args, args.max_new_tokens), trace_options(args), model_choice(args)
-    from tracer import usecases
     from tracer.dump import TraceWriter
     from tracer.runner import SessionRunner
 
@@ -30,7 +33,8 @@ def run_dump(args: argparse.Namespace) -> int:
 
         def trace(session) -> list[str]:
             session.start_turn(args.prompt, system=args.system)
-            writer = TraceWriter(session, out, with_lens=not args.no_lens)
+            writer = TraceWriter(session, out, with_lens=not args.no_lens, with_attribution=args.attribution,
+                                 tensors=args.tensors)
             writer.header()
             session.generate(on_step=writer.step)
             writer.end()

@@ -1,7 +1,8 @@
 """The attention pane: the earlier tokens the selected token looked at most.
 
-Shows either the mean over layers (and heads), or one layer's strongest
-entries; ``a`` switches between the two and ``[``/``]`` pick the layer.
+Shows the mean over layers (and heads), one layer's strongest entries, or
+that layer's heads side by side (``tui_app.widgets.heads``); ``a`` cycles
+through the three, ``[``/``]`` pick the layer and ``{``/``}`` the head.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from textual.widgets import Static
 from tracer.records import StepRecord
 from tracer.token_text import visible
 from tui_app.formatting import bar
+from tui_app.widgets.heads import head_count, heads_table
 
 
 def strongest(record: StepRecord, layer: int | None, limit: int) -> list[tuple[int, float]]:
@@ -44,6 +46,8 @@ class AttentionPane(Static):
         self.record: StepRecord | None = None
         self.shown_layer: int | None = None  # None: the mean over layers
         self._last_layer = 0  # the single layer shown when switching away from the mean
+        self.by_head = False  # the shown layer's heads side by side
+        self.head = 0  # the head cursor
         self.notice = "This model returned no attention weights."
         self.border_title = "Attention"
 
@@ -58,8 +62,22 @@ class AttentionPane(Static):
         self._draw()
 
     def toggle_mode(self) -> None:
-        """Switch between the mean over layers and a single layer (the last one chosen, else 0)."""
-        self.shown_layer = self._last_layer if self.shown_layer is None else None
+        """Cycle: the mean over layers, a single layer (the last one chosen, else 0), that layer's heads."""
+        if self.shown_layer is None:
+            self.shown_layer = self._last_layer
+        elif not self.by_head:
+            self.by_head = True
+        else:
+            self.shown_layer, self.by_head = None, False
+        self._draw()
+
+    def shift_head(self, delta: int) -> None:
+        """Move the head cursor (showing the heads of the layer in view first)."""
+        if self.shown_layer is None:
+            self.shown_layer = self._last_layer
+        self.by_head = True
+        count = head_count(self.record, self.shown_layer)
+        self.head = (self.head + delta) % count if count else 0
         self._draw()
 
     def shift_layer(self, delta: int) -> None:
@@ -83,9 +101,21 @@ class AttentionPane(Static):
         if self.shown_layer is not None and self.shown_layer >= self.num_layers:
             self.shown_layer = None if self.num_layers == 0 else self.num_layers - 1
         mode = "mean over layers" if self.shown_layer is None else f"layer {self.shown_layer}/{max(self.num_layers - 1, 0)}"
+        heads = head_count(record, self.shown_layer) if self.by_head and self.shown_layer is not None else 0
+        if heads:
+            mode += f" · head {min(self.head, heads - 1)}/{heads - 1}"
         self.border_title = f"Attention · #{record.index} · {mode}"
         if record.attention is None:
             self.update(self.notice)
+            return
+        if self.by_head and self.shown_layer is not None:
+            if not heads:
+                self.update("No per-head attention was kept for this token.")
+                return
+            self.head = min(self.head, heads - 1)
+            table, _ = heads_table(record, self.shown_layer, self.head, self.content_region.width,
+                                   max(self.content_region.height - 1, 2), self.token_text)
+            self.update(table)
             return
         limit = max(self.content_region.height, 3)
         pairs = strongest(record, self.shown_layer, limit)
