@@ -215,3 +215,18 @@ async def test_the_prune_dialog_previews_every_method_live_and_prunes_per_head(t
         state = session.export_state()
         assert state.per_head and all(k.shape[1] == 8 for k in state.keys)
         assert state.next_position == before.next_position
+
+
+async def test_the_prune_buttons_stay_on_an_80x24_screen_with_the_preview_in(tiny):
+    session = new_session(tiny)
+    app = KvtraceApp(session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await send(pilot, "The quick brown fox jumps over the lazy dog. " * 3)
+        app.timeline.focus()
+        await pilot.press("p")
+        await wait_until(pilot, lambda: app.screen.previewed is not None)
+        await pilot.pause()
+        screen = app.screen.region
+        for button in app.screen.query("Button"):
+            assert screen.contains_region(button.region), f"{button.label} is off the screen"
+        assert "Drop " in screen_text(app)  # the button that prunes, readable

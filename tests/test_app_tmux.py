@@ -5,60 +5,15 @@ what the screen showed (capture-pane)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
+from tmux_driver import flat, keys, screen, start, tmux, wait_for
 
 from kvstore.snapshot import load
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")]
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def tmux(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["tmux", *args], capture_output=True, text=True)
-
-
-def screen(name: str) -> str:
-    return tmux("capture-pane", "-p", "-t", name).stdout
-
-
-def flat(text: str) -> str:
-    """The screen's words on one line (panes, dialogs and notifications wrap)."""
-    return " ".join(text.split())
-
-
-def wait_for(name: str, predicate, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = screen(name)
-        if predicate(text):
-            return text
-        time.sleep(0.2)
-    raise AssertionError(f"the screen never showed what was expected; it shows:\n{screen(name)}")
-
-
-def start(name: str, tmp_path: Path) -> None:
-    # no autosave: this run is about the questions asked before unsaved work is lost
-    command = f"cd {tmp_path} && {sys.executable} -m tui_app --max-new-tokens 8 --device cpu --no-autosave"
-    env = f"PYTHONPATH={REPO_ROOT}"
-    assert tmux("new-session", "-d", "-s", name, "-x", "80", "-y", "24", f"{env} sh -c '{command}'").returncode == 0
-    wait_for(name, lambda s: "is ready" in flat(s), timeout=180)
-
-
-def keys(name: str, *names: str, literal: str | None = None) -> None:
-    """Type ``literal``, then press ``names``, with the pauses of a person (a terminal app reads Escape
-    sequences with a short timeout, so keys sent all at once can merge)."""
-    if literal is not None:
-        tmux("send-keys", "-t", name, "-l", literal)
-        time.sleep(0.3)
-    for key in names:
-        tmux("send-keys", "-t", name, key)
-        time.sleep(0.3)
 
 
 def test_type_save_overwrite_prune_undo_quit_in_tmux(tmp_path):

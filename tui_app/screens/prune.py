@@ -67,9 +67,9 @@ class PruneScreen(FormScreen[PruneSpec | None]):
                 with Vertical():
                     yield Label("Span START END")
                     yield Input(placeholder="e.g. 10 40", id="span")
-            yield Label("", id="preview")
-            yield Static("", id="methods")
-            with VerticalScroll(id="transcript-scroll"):
+            with VerticalScroll(id="prune-details"):  # scrolls, so the buttons stay on a 24-row screen
+                yield Label("", id="preview")
+                yield Static("", id="methods")
                 yield Static("", id="transcript")
             with Horizontal(classes="buttons"):
                 yield Button("Prune", variant="error", id="submit")
