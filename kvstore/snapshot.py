@@ -70,6 +70,18 @@ class SnapshotInfo:
         return self.file_bytes / self.raw_bytes if self.raw_bytes else 0.0
 
 
+def check_savable(state: KVState) -> None:
+    """``SnapshotError`` (one line) unless ``state`` is consistent and its trace fits the format: checked
+    before a ``.kvs`` file or a store entry is written, so nothing half-valid is ever published."""
+    try:
+        state.validate()
+    except ValueError as error:
+        raise SnapshotError(f"cannot save an inconsistent kv state: {error}") from None
+    if state.trace is not None and len(state.trace) > fmt.MAX_TRACE_BYTES:
+        raise SnapshotError(f"cannot save a trace of {len(state.trace)} bytes: the format allows "
+                            f"{fmt.MAX_TRACE_BYTES}")
+
+
 def save(state: KVState, path: str | os.PathLike[str], *, codec: str = fmt.DEFAULT_CODEC,
          threads: int | None = None) -> int:
     """Write ``state`` to ``path`` atomically (format version 2); returns the bytes written.
@@ -78,13 +90,7 @@ def save(state: KVState, path: str | os.PathLike[str], *, codec: str = fmt.DEFAU
     (its target is replaced); see ``kvstore.atomic``. ``threads`` compress
     payloads in parallel (default: one per core, at most 8).
     """
-    try:
-        state.validate()
-    except ValueError as error:
-        raise SnapshotError(f"cannot save an inconsistent kv state: {error}") from None
-    if state.trace is not None and len(state.trace) > fmt.MAX_TRACE_BYTES:
-        raise SnapshotError(f"cannot save a trace of {len(state.trace)} bytes: the format allows "
-                            f"{fmt.MAX_TRACE_BYTES}")
+    check_savable(state)
     chosen = make_codec(codec)
     header = encode_header(state, chosen)
     with atomic_writer(path) as out:

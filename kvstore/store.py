@@ -44,7 +44,7 @@ from kvstore.metadata import plain
 from kvstore.pipeline import Scratch, byte_view, default_threads, in_order
 from kvstore.records import Record, RecordSpec, check_checksum, locate_records, read_header, read_payload
 from kvstore.safe_io import open_regular, reason
-from kvstore.snapshot import SnapshotInfo, check_fingerprint
+from kvstore.snapshot import SnapshotInfo, check_fingerprint, check_savable
 from kvstore.state import KVState
 from kvstore.store_dir import VERSION, StoreDir, default_store_path
 from kvstore.verify import VerifyReport
@@ -128,13 +128,7 @@ class Store:
         check_name(name)
         if parent is not None:
             check_name(parent)
-        try:
-            state.validate()
-        except ValueError as error:
-            raise SnapshotError(f"cannot save an inconsistent kv state: {error}") from None
-        if state.trace is not None and len(state.trace) > fmt.MAX_TRACE_BYTES:
-            raise SnapshotError(f"cannot save a trace of {len(state.trace)} bytes: the format allows "
-                                f"{fmt.MAX_TRACE_BYTES}")
+        check_savable(state)
         chosen = make_codec(codec)
         header_bytes = encode_header(state, chosen)
         dtype = state.keys[0].dtype
