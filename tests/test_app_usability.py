@@ -153,8 +153,8 @@ async def test_quit_asks_while_generating():
         app.query_one("#prompt").focus()
         await pilot.press(*"hello", "enter")
         await wait_until(pilot, lambda: len(app.timeline.records) >= 2)
-        await pilot.press("q")
-        assert isinstance(app.screen, QuitScreen) and "being generated" in screen_text(app)
+        await pilot.press("q")  # (waited for: under load the question may take a few frames to draw)
+        await wait_until(pilot, lambda: isinstance(app.screen, QuitScreen) and "being generated" in screen_text(app))
         await pilot.press("q")
     assert not app.is_running
 
