@@ -8,51 +8,26 @@ checks what each entry point did against the file's expectation.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from limited_child import run_limited
 
 from hostile_corpus import DAMAGED, EXPECTATIONS, LOADS, REFUSED, UNLOADABLE, build_corpus
 
-REPO = Path(__file__).resolve().parents[1]
 ADDRESS_SPACE = 1536 << 20
 SECONDS_PER_CALL = 10.0
 
-CHILD = textwrap.dedent("""
-    import json, resource, sys, time
-    resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
-    sys.path[:0] = [{repo!r}, {tests!r}]
+CHECK = """
     from kvstore import snapshot
-    from kvstore.errors import SnapshotError
     from kvstore.verify import verify
     from hostile_corpus import FINGERPRINT, MAX_CONTEXT
 
-    def attempt(call):
-        start = time.perf_counter()
-        try:
-            result = call()
-            if hasattr(result, "validate"):
-                result.validate()
-            outcome, message = "ok", ""
-        except SnapshotError as error:
-            outcome, message = "refused", str(error)
-        except BaseException as error:  # noqa: BLE001 - anything else is the failure being looked for
-            outcome, message = "crashed", f"{{type(error).__name__}}: {{error}}"
-        return {{"outcome": outcome, "message": message, "seconds": time.perf_counter() - start}}
-
-    for line in sys.stdin:
-        name, path = json.loads(line)
-        print(json.dumps({{"name": name,
-            "info": attempt(lambda: snapshot.read_info(path)),
-            "verify": attempt(lambda: verify(path, deep=True)),
-            "load": attempt(lambda: snapshot.load(path, expected=FINGERPRINT, max_tokens=MAX_CONTEXT)),
-        }}), flush=True)
-    print(json.dumps({{"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
-""")
+    def check(name, path):
+        return {"info": attempt(lambda: snapshot.read_info(path)),
+                "verify": attempt(lambda: verify(path, deep=True)),
+                "load": attempt(lambda: snapshot.load(path, expected=FINGERPRINT, max_tokens=MAX_CONTEXT))}
+"""
 
 WANTED = {
     LOADS: {"info": "ok", "verify": "ok", "load": "ok"},
@@ -69,13 +44,9 @@ def corpus(tmp_path_factory) -> list[tuple[str, Path, str]]:
 
 @pytest.fixture(scope="module")
 def results(corpus) -> dict:
-    child = CHILD.format(limit=ADDRESS_SPACE, repo=str(REPO), tests=str(REPO / "tests"))
-    feed = "".join(json.dumps([name, str(path)]) + "\n" for name, path, _ in corpus)
-    done = subprocess.run([sys.executable, "-c", child], input=feed, capture_output=True, text=True,
-                          timeout=240, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
-    return {"files": {line["name"]: line for line in lines[:-1]}, "maxrss_kib": lines[-1]["maxrss_kib"]}
+    files, maxrss = run_limited(CHECK, [[name, str(path)] for name, path, _ in corpus],
+                                address_space=ADDRESS_SPACE, seconds_per_call=SECONDS_PER_CALL, timeout=240)
+    return {"files": files, "maxrss_kib": maxrss}
 
 
 def test_the_corpus_covers_every_class(corpus):

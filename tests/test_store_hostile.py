@@ -8,68 +8,32 @@ a child process whose address space is limited to 2 GB.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
+from limited_child import run_limited
 
 from store_corpus import BROKEN_CHUNKS, BROKEN_ENTRY, build_store_corpus
 
-REPO = Path(__file__).resolve().parents[1]
 ADDRESS_SPACE = 3 << 30  # a safety net for the child (torch maps a lot); RSS is what is checked
 PEAK_RSS = 1.5e9  # as test_cli_hostile: the child imports torch and runs the commands; measured 0.46 GB
 SECONDS_PER_CALL = 10.0
 
-CHILD = textwrap.dedent("""
-    import contextlib, io, json, resource, sys, time
-    resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
-    sys.path[:0] = [{repo!r}, {tests!r}]
-    from kvstore.errors import SnapshotError
+CHECK = """
     from kvstore.store import Store
     from kvstore_factory import FINGERPRINT
-    from tui_app.cli import main
 
-    def attempt(call):
-        start = time.perf_counter()
-        try:
-            call()
-            outcome, message = "ok", ""
-        except SnapshotError as error:
-            outcome, message = "refused", str(error)
-        except BaseException as error:  # noqa: BLE001 - anything else is the failure being looked for
-            outcome, message = "crashed", f"{{type(error).__name__}}: {{error}}"
-        return {{"outcome": outcome, "message": message, "seconds": time.perf_counter() - start}}
-
-    def command(*args):
-        out, err = io.StringIO(), io.StringIO()
-        start = time.perf_counter()
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = main(list(args))
-        except BaseException as error:  # noqa: BLE001
-            code, err = -1, io.StringIO(f"escaped: {{type(error).__name__}}: {{error}}")
-        return {{"code": code, "err": err.getvalue(), "seconds": time.perf_counter() - start}}
-
-    for line in sys.stdin:
-        name, root = json.loads(line)
+    def check(name, root):
         store = Store.open(root)
-        print(json.dumps({{"name": name,
-            "info": attempt(lambda: store.info("t")),
-            "verify": attempt(lambda: store.verify("t", deep=True)),
-            "load": attempt(lambda: store.load("t", expected=FINGERPRINT, max_tokens=8192)),
-            "entries": attempt(lambda: store.entries()),
-            "other": attempt(lambda: store.load("other")),
-            "cli-info": command("info", root + ":t", "--deep"),
-            "cli-resume": command("resume", root + ":t", "--steps", "1"),
-            "cli-ls": command("ls", root),
-            "cli-gc": command("gc", root),
-            "other-after-gc": attempt(lambda: store.load("other")),
-        }}), flush=True)
-    print(json.dumps({{"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
-""")
+        return {"info": attempt(lambda: store.info("t")),
+                "verify": attempt(lambda: store.verify("t", deep=True)),
+                "load": attempt(lambda: store.load("t", expected=FINGERPRINT, max_tokens=8192)),
+                "entries": attempt(lambda: store.entries()),
+                "other": attempt(lambda: store.load("other")),
+                "cli-info": command("info", root + ":t", "--deep"),
+                "cli-resume": command("resume", root + ":t", "--steps", "1"),
+                "cli-ls": command("ls", root),
+                "cli-gc": command("gc", root),
+                "other-after-gc": attempt(lambda: store.load("other"))}
+"""
 
 WANTED = {
     BROKEN_ENTRY: {"info": "refused", "verify": "refused", "load": "refused", "entries": "ok", "other": "ok",
@@ -82,13 +46,9 @@ WANTED = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     corpus = build_store_corpus(tmp_path_factory.mktemp("store-corpus"))
-    child = CHILD.format(limit=ADDRESS_SPACE, repo=str(REPO), tests=str(REPO / "tests"))
-    feed = "".join(json.dumps([name, str(root)]) + "\n" for name, root, _ in corpus)
-    done = subprocess.run([sys.executable, "-c", child], input=feed, capture_output=True, text=True, timeout=300,
-                          cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
-    return corpus, {line["name"]: line for line in lines[:-1]}, lines[-1]["maxrss_kib"]
+    results, maxrss = run_limited(CHECK, [[name, str(root)] for name, root, _ in corpus],
+                                  address_space=ADDRESS_SPACE, seconds_per_call=SECONDS_PER_CALL, timeout=300)
+    return corpus, results, maxrss
 
 
 def test_the_corpus_covers_entries_chunks_and_blocks(runs):
