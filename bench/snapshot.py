@@ -43,10 +43,10 @@ from kvstore.header import decode_header  # noqa: E402
 from kvstore.pipeline import default_threads  # noqa: E402
 from kvstore.records import read_header  # noqa: E402
 from kvstore.state import KVState  # noqa: E402
-from kvstore.format import CODEC_NAMES  # noqa: E402
 from tracer.loading import load_model  # noqa: E402
 from tracer.quality import agreement, perplexity, prefilled_state, sample_text  # noqa: E402
 from tracer.session import TraceSession  # noqa: E402
+from resume_timing import timed_resume  # noqa: E402  (bench/, beside this script)
 
 CODECS = list(CODEC_NAMES)
 BYTES_TARGET = {"lossless": 0.80, "fp16": 0.40, "int8": 0.25, "int4": 0.15}  # x torch.save bytes
@@ -191,23 +191,13 @@ def time_to_first_token(loaded, folder: Path, text: str, repeats: int) -> dict[s
         session.step()
         return {"prefill": middle - start, "step": time.perf_counter() - middle}
 
-    def from_snapshot(codec: str) -> Callable[[], dict[str, float]]:
-        def run() -> dict[str, float]:
-            start = time.perf_counter()
-            state = snapshot.load(folder / f"{codec}.kvs", expected=loaded.fingerprint)
-            loaded_at = time.perf_counter()
-            session = TraceSession(loaded, capture_attention=False)
-            session.import_state(state)
-            middle = time.perf_counter()
-            session.step()
-            return {"load": loaded_at - start, "import": middle - loaded_at, "step": time.perf_counter() - middle}
-        return run
-
     def fastest(run: Callable[[], dict[str, float]]) -> dict[str, float]:
         stages = min((run() for _ in range(repeats)), key=lambda r: sum(r.values()))
         return {**stages, "total": sum(stages.values())}
 
-    return {"prefill": fastest(from_prefill), **{codec: fastest(from_snapshot(codec)) for codec in TTFT_CODECS}}
+    return {"prefill": fastest(from_prefill), **{codec: fastest(timed_resume(loaded, lambda c=codec: snapshot.load(folder / f"{c}.kvs",
+                                                                      expected=loaded.fingerprint)))
+                                       for codec in TTFT_CODECS}}
 
 
 def pruning_quality(loaded, ids: list[int], length: int) -> list[tuple[int, float, float, float, float]]:

@@ -26,7 +26,6 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ from tracer.loading import load_model, quiet_transformers  # noqa: E402
 from tracer.quality import sample_text  # noqa: E402
 from tracer.sampling import SamplingSettings  # noqa: E402
 from tracer.session import TraceSession  # noqa: E402
+from resume_timing import timed_resume  # noqa: E402  (bench/, beside this script)
 
 WRITE_TARGET = 1.10  # x the lossless file's growth, per save
 TOTAL_TARGET = 1.15  # x the final lossless file
@@ -91,21 +91,9 @@ def time_to_first_token(loaded, state, kvs: Path, store: Path, name: str, repeat
         engine.decode(state.token_ids[-1], state.next_position)
         return {"prefill": middle - start, "step": time.perf_counter() - middle}
 
-    def resume(load: Callable[[], object]) -> Callable[[], dict[str, float]]:
-        def run() -> dict[str, float]:
-            start = time.perf_counter()
-            restored = load()
-            loaded_at = time.perf_counter()
-            session = TraceSession(loaded, capture_attention=False)
-            session.import_state(restored)
-            middle = time.perf_counter()
-            session.step()
-            return {"load": loaded_at - start, "import": middle - loaded_at, "step": time.perf_counter() - middle}
-        return run
-
     paths = {"prefill": from_prefill,
-             ".kvs": resume(lambda: snapshot.load(kvs, expected=loaded.fingerprint)),
-             "store": resume(lambda: Store.open(store).load(name, expected=loaded.fingerprint))}
+             ".kvs": timed_resume(loaded, lambda: snapshot.load(kvs, expected=loaded.fingerprint)),
+             "store": timed_resume(loaded, lambda: Store.open(store).load(name, expected=loaded.fingerprint))}
     best: dict[str, dict[str, float]] = {}
     for _ in range(repeats):
         for label, run in paths.items():

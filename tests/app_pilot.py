@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from fake_session import FakeSession
 from screen_text import screen_text
 from textual.pilot import Pilot
 
@@ -32,6 +34,21 @@ async def send(pilot: Pilot, text: str) -> None:
     pilot.app.query_one("#prompt").focus()
     await pilot.press(*text, "enter")
     await wait_idle(pilot)
+
+
+def slow_session() -> FakeSession:
+    """A fake session whose reply is long and slow (50 ms a step): time to act while it is being generated."""
+    session = FakeSession(step_delay=0.05)
+    session.sampling = replace(session.sampling, max_new_tokens=1000)
+    return session
+
+
+async def start_generating(pilot: Pilot, steps: int) -> None:
+    """Send "hello" and return once ``steps`` tokens of the reply are on the timeline (it goes on)."""
+    app = pilot.app
+    app.query_one("#prompt").focus()
+    await pilot.press(*"hello", "enter")
+    await wait_until(pilot, lambda: len(app.timeline.records) >= steps)
 
 
 def chat_lines(app: KvtraceApp) -> list[str]:

@@ -6,7 +6,8 @@ import threading
 from dataclasses import replace
 
 import pytest
-from app_pilot import chat_lines, notifications, save_by_keys, send, wait_idle, wait_until
+from app_pilot import (chat_lines, notifications, save_by_keys, send, slow_session, start_generating, wait_idle,
+                       wait_until)
 from fake_session import FakeSession
 from screen_text import screen_text
 from textual.command import CommandPalette
@@ -126,13 +127,10 @@ async def test_n_steps_once_and_g_generates_more():
 
 
 async def test_escape_stops_within_one_step_and_no_stale_step_reaches_the_screen():
-    session = FakeSession(step_delay=0.05)
-    session.sampling = replace(session.sampling, max_new_tokens=1000)
+    session = slow_session()
     app = KvtraceApp(session)
     async with app.run_test(size=(80, 24)) as pilot:
-        app.query_one("#prompt").focus()
-        await pilot.press(*"hello", "enter")
-        await wait_until(pilot, lambda: len(app.timeline.records) >= 3)
+        await start_generating(pilot, 3)
         await pilot.press("escape")
         shown = len(app.timeline.records)
         await wait_until(pilot, lambda: not app.generating, timeout=1.0)
@@ -207,13 +205,10 @@ async def test_save_dialog_writes_the_file_and_shows_its_size(tmp_path):
 
 
 async def test_save_while_generating_stops_first_then_opens_the_dialog(tmp_path):
-    session = FakeSession(step_delay=0.05)
-    session.sampling = replace(session.sampling, max_new_tokens=1000)
+    session = slow_session()
     app = KvtraceApp(session)
     async with app.run_test(size=(80, 24)) as pilot:
-        app.query_one("#prompt").focus()
-        await pilot.press(*"hello", "enter")
-        await wait_until(pilot, lambda: len(app.timeline.records) >= 2)
+        await start_generating(pilot, 2)
         await pilot.press("ctrl+s")
         await wait_until(pilot, lambda: not app.generating, timeout=1.0)
         assert app.screen.query("#codec")

@@ -7,7 +7,8 @@ import threading
 from dataclasses import replace
 
 import pytest
-from app_pilot import chat_lines, notifications, save_by_keys, send, wait_idle, wait_until
+from app_pilot import (chat_lines, notifications, save_by_keys, send, slow_session, start_generating, wait_idle,
+                       wait_until)
 from fake_session import FakeSession
 from screen_text import screen_text
 from textual.command import CommandPalette
@@ -146,13 +147,10 @@ async def test_quit_does_not_ask_once_saved_and_asks_again_after_a_change(tmp_pa
 
 
 async def test_quit_asks_while_generating():
-    session = FakeSession(step_delay=0.05)
-    session.sampling = replace(session.sampling, max_new_tokens=1000)
+    session = slow_session()
     app = KvtraceApp(session)
     async with app.run_test(size=(80, 24)) as pilot:
-        app.query_one("#prompt").focus()
-        await pilot.press(*"hello", "enter")
-        await wait_until(pilot, lambda: len(app.timeline.records) >= 2)
+        await start_generating(pilot, 2)
         await pilot.press("q")  # (waited for: under load the question may take a few frames to draw)
         await wait_until(pilot, lambda: isinstance(app.screen, QuitScreen) and "being generated" in screen_text(app))
         await pilot.press("q")
