@@ -30,9 +30,9 @@ import torch
 
 from kvstore import format as fmt
 from kvstore.chunking import Group, Layout, chunk_key
-from kvstore.codecs import DTYPE_NAMES, DTYPES, ROLES, Codec, make_codec
+from kvstore.codecs import DTYPE_NAMES, DTYPES, ROLES, Codec
 from kvstore.compression import compress
-from kvstore.header import HeaderDefect, field_of, is_int, unpack_document
+from kvstore.header import HeaderDefect, codec_of, field_of, is_int, unpack_document
 from kvstore.records import RecordSpec, write_header, write_record
 
 CHUNK = fmt.Framing(b"\x89KVC\r\n\x1a\n", (1,), b"KVC-END\n", "kvtrace store chunk")
@@ -164,13 +164,7 @@ def parse_header(data: bytes) -> ChunkHeader:
     dtype = field_of(doc, "dtype", str)
     if dtype not in DTYPES:
         raise HeaderDefect(f"unsupported dtype {dtype!r}")
-    codec_name = field_of(doc, "codec", str)
-    if codec_name not in fmt.CODEC_NAMES:
-        raise HeaderDefect(f"unknown codec {codec_name!r}")
-    try:
-        codec = make_codec(codec_name, field_of(doc, "codec_params", dict))
-    except ValueError as error:
-        raise HeaderDefect(str(error)) from None
+    codec = codec_of(doc)
     head_scores = field_of(doc, "head_scores", bool)
     records = field_of(doc, "records", list)
     if len(records) != len(layers) * (3 if head_scores else 2) or not all(

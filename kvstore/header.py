@@ -182,13 +182,7 @@ def _parse(doc: Any, version: int) -> Header:
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
         raise HeaderDefect("the header is not a kvtrace snapshot header")
     fingerprint = _fingerprint(field_of(doc, "fingerprint", dict))
-    codec_name = field_of(doc, "codec", str)
-    if codec_name not in CODEC_NAMES:
-        raise HeaderDefect(f"unknown codec {codec_name!r}")
-    try:
-        codec = make_codec(codec_name, field_of(doc, "codec_params", dict))
-    except ValueError as error:
-        raise HeaderDefect(str(error)) from None
+    codec = codec_of(doc)
     dtype_name = field_of(doc, "dtype", str)
     if dtype_name not in DTYPES:
         raise HeaderDefect(f"unsupported dtype {dtype_name!r}")
@@ -328,6 +322,17 @@ def _check_plain(doc: Any) -> None:
             stack.extend((item, depth + 1) for item in value)
         elif not isinstance(value, (str, bytes, int, float, bool, type(None))):
             raise HeaderDefect(f"the header holds a value of type {type(value).__name__}")
+
+
+def codec_of(doc: dict[str, Any]) -> Codec:
+    """The codec a header (of a .kvs file or a store chunk) names, with its parameters checked."""
+    codec_name = field_of(doc, "codec", str)
+    if codec_name not in CODEC_NAMES:
+        raise HeaderDefect(f"unknown codec {codec_name!r}")
+    try:
+        return make_codec(codec_name, field_of(doc, "codec_params", dict))
+    except ValueError as error:
+        raise HeaderDefect(str(error)) from None
 
 
 def field_of(doc: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
